@@ -1,0 +1,121 @@
+"""QuantConfig: which tensors are quantized, to how many bits, and how (Banner et al. 2018)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ROUNDINGS = ("stochastic", "nearest")
+BN_TYPES = ("batchnorm", "range")
+RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+def _check_bits(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ValueError(
+            f"QuantConfig.{name}={value!r} is invalid: bits must be an integer in "
+            f"{MIN_BITS}..{MAX_BITS}, or None to keep that tensor in full precision"
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"QuantConfig.{name}={value!r} is invalid: valid choices are {', '.join(choices)}"
+        )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What q8 quantizes. Any `*_bits` set to None leaves that tensor in full precision.
+
+    The defaults are the paper's setting: 8-bit weights, activations and layer gradient g_l,
+    a 16-bit copy of g_l for the weight gradient (bifurcation), stochastic gradient rounding,
+    Range BN.
+    """
+
+    weight_bits: int | None = 8  # W of every conv/linear, nearest rounding
+    act_bits: int | None = 8  # inputs of every conv/linear/BN, nearest rounding
+    grad_bits: int | None = 8  # g_l used for dL/dx (the data path)
+    wgrad_bits: int | None = 16  # copy of g_l used for dL/dW; None = fp32 copy
+    grad_rounding: str = "stochastic"  # rounding of g_l (both copies)
+    bn: str = "range"  # "range" (Range BN) or "batchnorm" (standard BN, quantized in/out)
+    per_channel_weights: bool = False  # one range per output channel instead of per tensor
+    act_momentum: float = 0.1  # EMA momentum of the activations' running range (used in eval)
+    bn_param_bits: int | None = None  # quantize BN gamma/beta too (None: fp32, as the paper)
+    range_bn_chunks: int = 16  # Range BN: mean range over this many chunks of the batch
+    range_bn_scale: str = "exact"  # "exact": d2(n); "paper": 1/sqrt(2 ln n); "hoffer2018"
+    skip: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits"):
+            _check_bits(name, getattr(self, name))
+        _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
+        _check_choice("bn", self.bn, BN_TYPES)
+        _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
+        if self.wgrad_bits is not None and (
+            self.grad_bits is None or self.wgrad_bits < self.grad_bits
+        ):
+            raise ValueError(
+                f"QuantConfig.wgrad_bits={self.wgrad_bits!r} is inconsistent with "
+                f"grad_bits={self.grad_bits!r}: the weight-gradient copy of g_l must be at least "
+                "as precise as the data-path copy (wgrad_bits >= grad_bits, or None for fp32)"
+            )
+        if isinstance(self.act_momentum, bool) or not (
+            isinstance(self.act_momentum, (int, float)) and 0.0 < self.act_momentum <= 1.0
+        ):
+            raise ValueError(
+                f"QuantConfig.act_momentum={self.act_momentum!r} is invalid: it must be a "
+                "number in (0, 1]"
+            )
+        if isinstance(self.range_bn_chunks, bool) or not (
+            isinstance(self.range_bn_chunks, int) and self.range_bn_chunks >= 1
+        ):
+            raise ValueError(
+                f"QuantConfig.range_bn_chunks={self.range_bn_chunks!r} is invalid: it must be "
+                "an integer >= 1"
+            )
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(
+                f"QuantConfig.skip={self.skip!r} is invalid: it must be a list of module-name "
+                "patterns (fnmatch), e.g. ['conv1', 'fc']"
+            )
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        """Build from a plain mapping (e.g. a Hydra node); unknown keys raise ValueError."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"QuantConfig has no field {', '.join(map(repr, unknown))}: valid fields are "
+                f"{', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def is_full_precision(self) -> bool:
+        """True when nothing is quantized and BN stays standard: quantize_model is a no-op."""
+        bits = (self.weight_bits, self.act_bits, self.grad_bits, self.wgrad_bits)
+        return all(b is None for b in bits) and self.bn == "batchnorm"
+
+    @property
+    def bifurcated(self) -> bool:
+        """g_W is computed from a different copy of g_l than dL/dx (the paper's bifurcation)."""
+        return self.wgrad_bits != self.grad_bits
+
+    def short_str(self) -> str:
+        """A compact label, e.g. 'w8a8g8/16-sr-rangebn'."""
+        def b(v: int | None) -> str:
+            return "32" if v is None else str(v)
+
+        g = b(self.grad_bits) + ("/" + b(self.wgrad_bits) if self.bifurcated else "")
+        r = "sr" if self.grad_rounding == "stochastic" else "rn"
+        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{self.bn}bn"
