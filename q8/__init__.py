@@ -1,5 +1,21 @@
 """q8: 8-bit training of neural networks (Banner et al., NeurIPS 2018) in plain PyTorch."""
 
 from q8.config import QuantConfig
+from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
+from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2
+from q8.quantizer import fake_quantize
+from q8.transform import QuantReport, quantize_model
 
-__all__ = ["QuantConfig"]
+__all__ = [
+    "QuantBatchNorm2d",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMaxPool2d",
+    "QuantReLU",
+    "QuantReport",
+    "RangeBatchNorm2d",
+    "d2",
+    "fake_quantize",
+    "quantize_model",
+]

@@ -1,0 +1,195 @@
+"""Autograd functions of q8: one per quantized op, each saving 8-bit codes for its backward.
+
+Gradient bifurcation (Banner et al. 2018, sec. 5): the backward pass of a conv/linear layer
+quantizes its layer gradient g_l twice, to `grad_bits` for dL/dx = g_l W (the data path, which
+tolerates noise) and to `wgrad_bits` for dL/dW = x^T g_l (which accumulates over the batch).
+The forward runs the GEMM once; the 2018 code ran every convolution twice instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from q8.quantizer import QTensor, aminmax, qparams, quantize
+
+
+@dataclass(frozen=True)
+class GradSpec:
+    """How a layer's backward quantizes g_l: data-path bits, weight-path bits, rounding."""
+
+    bits: int | None
+    wbits: int | None
+    rounding: str = "stochastic"
+
+
+def quantize_grad(g: Tensor, spec: GradSpec) -> tuple[Tensor, Tensor]:
+    """g_l for dL/dx (grad_bits) and its copy for dL/dW (wgrad_bits), from one min/max pass."""
+    if spec.bits is None and spec.wbits is None:
+        return g, g
+    lo, hi = torch.aminmax(g)
+
+    def q(bits: int | None) -> Tensor:
+        if bits is None:
+            return g
+        return quantize(g, bits, *qparams(lo, hi, bits), spec.rounding)[1]
+
+    g_data = q(spec.bits)
+    return g_data, (g_data if spec.wbits == spec.bits else q(spec.wbits))
+
+
+def quantize_input(x: Tensor, bits: int | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, tuple]:
+    """x_hat for the forward and what backward must keep: 8-bit codes (or x itself if fp32)."""
+    if bits is None:
+        return x, (x,)
+    qt, x_hat = quantize(x, bits, *qparams(lo, hi, bits))
+    return x_hat, tuple(qt)
+
+
+def restore_input(saved: tuple) -> Tensor:
+    return saved[0] if len(saved) == 1 else QTensor(*saved).dequantize()
+
+
+def quantize_weight(w: Tensor, bits: int | None, per_channel: bool) -> tuple[Tensor, tuple]:
+    """W_hat (nearest rounding). Backward re-derives it from W and (scale, zero point) rather
+    than keeping a copy: W is alive anyway, so the weights cost no saved memory."""
+    if bits is None:
+        return w, ()
+    scale, zero_point = qparams(*aminmax(w.detach(), 0 if per_channel else None), bits)
+    return quantize(w, bits, scale, zero_point)[1], (scale, zero_point)
+
+
+def requantize_weight(w: Tensor, bits: int | None, qp: tuple) -> Tensor:
+    return w if bits is None else quantize(w, bits, *qp)[1]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Static description of a quantized conv/linear call."""
+
+    act_bits: int | None
+    weight_bits: int | None
+    per_channel: bool
+    grad: GradSpec
+    # conv only (None for linear)
+    stride: tuple | None = None
+    padding: tuple | None = None
+    dilation: tuple | None = None
+    groups: int = 1
+
+
+class BifurcatedLayerFn(torch.autograd.Function):
+    """y = x_hat W_hat^T + b (linear) or conv(x_hat, W_hat) + b, with a bifurcated backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_lo, x_hi, spec: LayerSpec):  # noqa: ANN001, ANN205
+        x_hat, saved_x = quantize_input(x, spec.act_bits, x_lo, x_hi)
+        w_hat, w_qp = quantize_weight(weight, spec.weight_bits, spec.per_channel)
+        if spec.stride is None:
+            y = F.linear(x_hat, w_hat, bias)
+        else:
+            y = F.conv2d(x_hat, w_hat, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
+        ctx.spec, ctx.n_x, ctx.has_bias = spec, len(saved_x), bias is not None
+        ctx.save_for_backward(*saved_x, weight, *w_qp)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        spec: LayerSpec = ctx.spec
+        saved = ctx.saved_tensors
+        x_hat = restore_input(saved[: ctx.n_x])
+        weight, w_qp = saved[ctx.n_x], saved[ctx.n_x + 1 :]
+        w_hat = requantize_weight(weight, spec.weight_bits, w_qp)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g_data, g_w = quantize_grad(gy, spec.grad)
+        gx = gw = gb = None
+        if spec.stride is None:  # linear over any leading dims: (..., in) -> (..., out)
+            if need_x:
+                gx = g_data @ w_hat
+            if need_w:
+                gw = g_w.reshape(-1, g_w.shape[-1]).T @ x_hat.reshape(-1, x_hat.shape[-1])
+            if need_b and ctx.has_bias:
+                gb = g_w.reshape(-1, g_w.shape[-1]).sum(0)
+        else:
+            args = ([0] if ctx.has_bias else None, spec.stride, spec.padding, spec.dilation,
+                    False, [0, 0], spec.groups)
+            conv_bwd = torch.ops.aten.convolution_backward
+            if g_data is g_w:  # no bifurcation: one call computes both
+                gx, gw, gb = conv_bwd(g_data, x_hat, w_hat, *args, [need_x, need_w, need_b])
+            else:
+                if need_x:
+                    gx = conv_bwd(g_data, x_hat, w_hat, *args, [True, False, False])[0]
+                if need_w or need_b:
+                    _, gw, gb = conv_bwd(g_w, x_hat, w_hat, *args, [False, need_w, need_b])
+        if not ctx.has_bias:
+            gb = None
+        return gx, gw, gb, None, None, None
+
+
+# ReLU and max-pool keep only what their backward needs, in 8 bits or less.
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """bool tensor -> uint8, 8 flags per byte (padded to a multiple of 8)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
+
+
+class ReLUFn(torch.autograd.Function):
+    """ReLU that saves a bit-packed mask (1 bit per element) instead of its float output."""
+
+    @staticmethod
+    def forward(ctx, x, inplace: bool):  # noqa: ANN001, ANN205
+        y = x.clamp_(min=0) if inplace else x.clamp(min=0)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.shape = x.shape
+        ctx.save_for_backward(_pack_bits(y > 0))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        (packed,) = ctx.saved_tensors
+        return gy * _unpack_bits(packed, ctx.shape), None
+
+
+class MaxPool2dFn(torch.autograd.Function):
+    """Max-pool that saves the argmax as its position inside the window (uint8), not int64."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):  # noqa: ANN001, ANN205
+        y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+        H, W = x.shape[-2:]
+        oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1) * sh - ph
+        ow = torch.arange(y.shape[-1], device=x.device).view(1, -1) * sw - pw
+        local = ((idx // W - oh) // dh) * kw + (idx % W - ow) // dw  # 0 .. kh*kw-1
+        ctx.geometry = (x.shape, kw, (sh, sw), (ph, pw), (dh, dw))
+        ctx.save_for_backward(local.to(torch.uint8))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        (local,) = ctx.saved_tensors
+        shape, kw, (sh, sw), (ph, pw), (dh, dw) = ctx.geometry
+        H, W = shape[-2:]
+        local = local.long()
+        oh = torch.arange(gy.shape[-2], device=gy.device).view(-1, 1) * sh - ph
+        ow = torch.arange(gy.shape[-1], device=gy.device).view(1, -1) * sw - pw
+        idx = (oh + (local // kw) * dh) * W + ow + (local % kw) * dw
+        gx = gy.new_zeros(shape[:-2] + (H * W,))
+        gx.scatter_add_(-1, idx.flatten(-2), gy.flatten(-2))
+        return gx.view(shape), None, None, None, None, None

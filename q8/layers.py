@@ -1,0 +1,164 @@
+"""Quantized twins of nn.Conv2d, nn.Linear, nn.ReLU and nn.MaxPool2d.
+
+A twin subclasses the module it replaces (so `state_dict` keys and isinstance checks hold) and
+keeps that module's own forward: it only reroutes the F.conv2d / F.linear call inside it to the
+bifurcated autograd function. So timm's Conv2dSame (dynamic padding), StdConv2d (weight
+standardisation) and its own Linear keep their behaviour, quantized around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from q8.config import QuantConfig
+from q8.functional import BifurcatedLayerFn, GradSpec, LayerSpec, MaxPool2dFn, ReLUFn
+
+
+class ActRangeMixin:
+    """Running range (EMA of the batch min/max) of a layer's input, used in eval.
+
+    Buffers `act_range` = [lo, hi] and `act_range_steps` go into the state dict; a state dict
+    without them (e.g. an fp32 checkpoint) still loads: the range is then learnt afresh.
+    """
+
+    def _q8_init_range(self, config: QuantConfig) -> None:
+        self.q8_config = config
+        w = next(iter(self._parameters.values()), None)
+        device = w.device if w is not None else None
+        self.register_buffer("act_range", torch.zeros(2, device=device))
+        self.register_buffer("act_range_steps", torch.zeros((), dtype=torch.long, device=device))
+
+    def _q8_input_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The [lo, hi] to quantize x with: the batch's in training, the running one in eval."""
+        with torch.no_grad():
+            batch = torch.stack(torch.aminmax(x.detach())).float()
+            seen = self.act_range_steps > 0
+            if self.training:
+                m = self.q8_config.act_momentum
+                self.act_range.copy_(torch.where(seen, (1 - m) * self.act_range + m * batch, batch))
+                self.act_range_steps += 1
+                r = batch
+            else:
+                r = torch.where(seen, self.act_range, batch)
+        return r[0], r[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        for key in ("act_range", "act_range_steps"):
+            state_dict.setdefault(prefix + key, getattr(self, key))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _pair(v: int | tuple) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class _Reroute(TorchFunctionMode):
+    """Inside a twin's forward, send F.conv2d / F.linear to the quantized layer function."""
+
+    def __init__(self, layer: QuantLayerMixin) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            return self.layer._q8_conv2d(*args, **kwargs)
+        if func is F.linear:
+            return self.layer._q8_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class QuantLayerMixin(ActRangeMixin):
+    """Shared by the conv and linear twins: quantized input, weight and bifurcated gradients."""
+
+    twin_prefix = "Quant"
+
+    def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._q8_setup(q8_config or QuantConfig())
+
+    def _q8_setup(self, config: QuantConfig) -> None:
+        self._q8_init_range(config)
+        grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
+        self.q8_spec = LayerSpec(config.act_bits, config.weight_bits, config.per_channel_weights,
+                                 grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _Reroute(self):
+            return super().forward(x)
+
+    def _q8_apply(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec) -> Tensor:
+        lo, hi = self._q8_input_range(x) if spec.act_bits is not None else (None, None)
+        return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec)
+
+    def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self._q8_apply(x, weight, bias, self.q8_spec)
+
+    def _q8_conv2d(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
+                   padding=0, dilation=1, groups=1) -> Tensor:  # noqa: ANN001
+        dilation = _pair(dilation)
+        if isinstance(padding, str):  # "valid" / "same": make it explicit integer padding
+            if padding == "valid":
+                padding = (0, 0)
+            else:
+                total = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:])]
+                x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
+                              total[0] // 2, total[0] - total[0] // 2))
+                padding = (0, 0)
+        spec = LayerSpec(**{**self.q8_spec.__dict__, "stride": _pair(stride),
+                            "padding": _pair(padding), "dilation": dilation, "groups": groups})
+        return self._q8_apply(x, weight, bias, spec)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """nn.Conv2d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """nn.Linear with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+class QuantReLU(nn.ReLU):
+    """ReLU whose backward keeps a 1-bit mask instead of a float32 copy of its output."""
+
+    def _q8_setup(self, config: QuantConfig) -> None:
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.relu(x, inplace=self.inplace)
+        return ReLUFn.apply(x, self.inplace)
+
+
+class QuantMaxPool2d(nn.MaxPool2d):
+    """MaxPool2d whose backward keeps the argmax as a uint8 window offset, not int64 indices."""
+
+    def _q8_setup(self, config: QuantConfig) -> None:
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad) or self.return_indices:
+            return super().forward(x)
+        k = _pair(self.kernel_size)
+        s = _pair(self.stride if self.stride is not None else self.kernel_size)
+        return MaxPool2dFn.apply(x, k, s, _pair(self.padding), _pair(self.dilation),
+                                 self.ceil_mode)
+
+
+_TWINS: dict[tuple[type, type], type] = {}
+
+
+def twin_class(mixin: type, base: type) -> type:
+    """The quantized twin of `base`: a subclass of both `mixin` and `base` (cached)."""
+    key = (mixin, base)
+    if key not in _TWINS:
+        name = getattr(mixin, "twin_prefix", "Quant") + base.__name__
+        _TWINS[key] = type(name, (mixin, base), {"__module__": mixin.__module__})
+    return _TWINS[key]
+
+
+_TWINS[(QuantLayerMixin, nn.Conv2d)] = QuantConv2d
+_TWINS[(QuantLayerMixin, nn.Linear)] = QuantLinear

@@ -1,0 +1,295 @@
+"""LightningDataModules: digits (bundled, the default), CIFAR-10/100, ImageFolder/ImageNet, synthetic.
+
+Each exposes `num_classes` and `in_chans` before `setup()`, so the model can be built from them,
+and checks in its constructor that its files exist, so a wrong path fails before any training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from q8.lit.errors import DatasetNotFoundError, UsageError
+
+
+def _check_positive(**values: int) -> None:
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UsageError(f"data.{name}={v!r} is invalid: it must be a positive integer")
+
+
+def _split_indices(
+    labels: np.ndarray, fractions: tuple[float, float], seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified train/val/test indices; `fractions` are the val and test shares."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    val_frac, test_frac = fractions
+    rest, test = train_test_split(idx, test_size=test_frac, stratify=labels, random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_frac / (1 - test_frac), stratify=labels[rest], random_state=seed
+    )
+    return train, val, test
+
+
+class _ClassificationDataModule(L.LightningDataModule):
+    num_classes: int
+    in_chans: int
+
+    def __init__(self, batch_size: int, num_workers: int = 0, eval_batch_size: int | None = None):
+        super().__init__()
+        _check_positive(batch_size=batch_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        assert dataset is not None, "setup() was not called"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            # BatchNorm (and Range BN) cannot normalise a final batch of one sample
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class DigitsDataModule(_ClassificationDataModule):
+    """scikit-learn's 1,797 bundled 8x8 handwritten digits, upsampled; never downloads.
+
+    The stratified train/val/test split depends only on `split_seed`, so runs with different
+    training seeds are evaluated on the same test images.
+    """
+
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        _check_positive(image_size=image_size)
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise UsageError(
+                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be "
+                "in (0, 1) with a sum below 1"
+            )
+        self.image_size = image_size
+        self.fractions = (val_fraction, test_fraction)
+        self.split_seed = split_seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        pixels, labels = load_digits(return_X_y=True)
+        x = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+        x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False)
+        y = torch.tensor(labels, dtype=torch.long)
+        train, val, test = _split_indices(labels, self.fractions, self.split_seed)
+        mean, std = x[train].mean(), x[train].std()
+        x = (x - mean) / std
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+        self.test_set = TensorDataset(x[test], y[test])
+
+
+class CIFARDataModule(_ClassificationDataModule):
+    """CIFAR-10 or CIFAR-100 from `root` (torchvision layout); downloads only if `download`.
+
+    The official training set is split into train and val (`val_size` images, by `split_seed`);
+    the official test set is the test set. Training uses random crop (pad 4) and flip.
+    """
+
+    _FOLDERS = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
+    _STATS = {
+        10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    }
+    in_chans = 3
+
+    def __init__(
+        self,
+        root: str = "data",
+        num_classes: int = 10,
+        download: bool = False,
+        batch_size: int = 128,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        num_workers: int = 4,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        if num_classes not in self._FOLDERS:
+            raise UsageError(f"data.num_classes={num_classes!r} is invalid for CIFAR: use 10 or 100")
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.download = download
+        self.val_size = val_size
+        self.split_seed = split_seed
+        folder = self.root / self._FOLDERS[num_classes]
+        if not download and not folder.is_dir():
+            raise DatasetNotFoundError(
+                f"CIFAR-{num_classes} not found: looked for {folder}; add data.download=true to "
+                f"fetch it into data.root={root}, or point data.root at the folder that holds "
+                f"{self._FOLDERS[num_classes]}"
+            )
+
+    def _dataset_class(self):
+        from torchvision import datasets
+
+        return datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
+
+    def prepare_data(self) -> None:
+        if self.download:
+            for train in (True, False):
+                self._dataset_class()(str(self.root), train=train, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision import transforms as T
+
+        normalize = T.Normalize(*self._STATS[self.num_classes])
+        augment = T.Compose(
+            [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize]
+        )
+        plain = T.Compose([T.ToTensor(), normalize])
+        cls = self._dataset_class()
+        train_aug = cls(str(self.root), train=True, transform=augment)
+        train_plain = cls(str(self.root), train=True, transform=plain)
+        perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(self.split_seed))
+        self.train_set = Subset(train_aug, perm[self.val_size :].tolist())
+        self.val_set = Subset(train_plain, perm[: self.val_size].tolist())
+        self.test_set = cls(str(self.root), train=False, transform=plain)
+
+
+class ImageFolderDataModule(_ClassificationDataModule):
+    """Any ImageFolder tree (root/<split>/<class>/<image>), e.g. ImageNet, with timm's transforms.
+
+    ImageNet has no labelled test set, so by default its `val` folder serves as val and test.
+    """
+
+    in_chans = 3
+
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        test_dir: str = "val",
+        image_size: int = 224,
+        crop_pct: float = 0.875,
+        auto_augment: str | None = None,
+        batch_size: int = 256,
+        num_workers: int = 8,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        _check_positive(image_size=image_size)
+        self.root = Path(root)
+        self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+        for split, name in self.dirs.items():
+            if not (self.root / name).is_dir():
+                raise DatasetNotFoundError(
+                    f"image folder for {split} not found: looked for {self.root / name} "
+                    f"(layout <data.root>/<split>/<class>/<image>); set data.root=<dir> "
+                    f"(for ImageNet, the folder with train/ and val/ sorted into class folders)"
+                )
+        classes = sorted(p.name for p in (self.root / train_dir).iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetNotFoundError(f"no class folders in {self.root / train_dir}")
+        self.num_classes = len(classes)
+        self.image_size = image_size
+        self.crop_pct = crop_pct
+        self.auto_augment = auto_augment
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        train_tf = create_transform(self.image_size, is_training=True, auto_augment=self.auto_augment)
+        eval_tf = create_transform(self.image_size, is_training=False, crop_pct=self.crop_pct)
+        self.train_set = ImageFolder(str(self.root / self.dirs["train"]), transform=train_tf)
+        self.val_set = ImageFolder(str(self.root / self.dirs["val"]), transform=eval_tf)
+        self.test_set = ImageFolder(str(self.root / self.dirs["test"]), transform=eval_tf)
+
+
+class _RandomImages(Dataset):
+    """`length` images cycled from a pool of random tensors, with fixed random labels."""
+
+    def __init__(self, length: int, shape: tuple[int, ...], num_classes: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.length = length
+        self.pool = torch.randn((min(length, 256), *shape), generator=g)
+        self.labels = torch.randint(0, num_classes, (length,), generator=g)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pool[i % len(self.pool)], self.labels[i]
+
+
+class SyntheticDataModule(_ClassificationDataModule):
+    """Random images of any shape and class count: for benchmarks, nothing to learn."""
+
+    def __init__(
+        self,
+        num_samples: int = 1024,
+        image_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        batch_size: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        _check_positive(
+            num_samples=num_samples, image_size=image_size, in_chans=in_chans, num_classes=num_classes
+        )
+        self.num_samples = num_samples
+        self.shape = (in_chans, image_size, image_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        n_eval = max(1, self.num_samples // 8)
+        self.train_set = _RandomImages(self.num_samples, self.shape, self.num_classes, self.seed)
+        self.val_set = _RandomImages(n_eval, self.shape, self.num_classes, self.seed + 1)
+        self.test_set = _RandomImages(n_eval, self.shape, self.num_classes, self.seed + 2)

@@ -1,0 +1,119 @@
+"""The GEMMLOWP quantizer of the paper: asymmetric, uniform, 2^bits levels over [min, max].
+
+    scale s = (hi - lo) / (2^B - 2),  zero point z = ceil(-lo / s)       (see `qparams`)
+    code  q = clamp(round(x / s) + z, 0, 2^B - 1)      nearest
+          q = clamp(floor(x / s + u) + z, 0, 2^B - 1)  stochastic, u ~ U[0, 1): E[x_hat] = x
+    value x_hat = (q - z) * s
+
+Non-finite input propagates: a NaN or inf in a tensor (or slice) makes its range non-finite and
+every quantized value of it NaN, so a divergence is seen at the loss, never hidden as finite
+garbage.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class QTensor(NamedTuple):
+    """Integer codes plus the (scale, zero point) that map them back to real values."""
+
+    codes: Tensor  # uint8 for <= 8 bits, int32 above
+    scale: Tensor  # broadcastable to codes
+    zero_point: Tensor  # float, integer-valued, broadcastable to codes
+
+    def dequantize(self) -> Tensor:
+        return (self.codes.float() - self.zero_point) * self.scale
+
+
+def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point for the range [lo, hi] (elementwise over slices).
+
+    The range is widened to hold 0 so that 0.0 is a code (GEMMLOWP's nudged zero point: ReLU
+    zeros and zero gradients stay exact). One code of slack, s = range / (2^B - 2) with
+    z = ceil(-lo / s), makes the grid [-z*s, (2^B - 1 - z)*s] cover [lo, hi]: nothing is clipped,
+    so |x_hat - x| <= s/2 and stochastic rounding stays unbiased up to the range ends.
+    A constant slice c (zero range) gets s = |c| (1 if c == 0), which represents c exactly.
+    """
+    lo0, hi0 = lo.clamp(max=0), hi.clamp(min=0)
+    const = torch.maximum(lo.abs(), hi.abs())
+    const = torch.where(const > 0, const, torch.ones_like(const))
+    scale = torch.where(hi > lo, (hi0 - lo0) / (2**bits - 2), const)
+    zero_point = torch.ceil(-lo0 / scale)
+    return scale, zero_point
+
+
+def aminmax(x: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
+    """Min and max of x, or of each slice x.select(dim, i), shaped to broadcast against x."""
+    if dim is None:
+        return torch.aminmax(x)
+    dim = dim % x.dim()
+    lo, hi = torch.aminmax(x.transpose(0, dim).reshape(x.shape[dim], -1), dim=1)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    return lo.view(shape), hi.view(shape)
+
+
+def quantize(
+    x: Tensor,
+    bits: int,
+    scale: Tensor,
+    zero_point: Tensor,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[QTensor, Tensor]:
+    """Quantize x with the given (scale, zero point); returns the codes and x_hat."""
+    y = x / scale
+    if rounding == "stochastic":
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=y.dtype)
+        y = torch.floor(y.add_(u))
+    else:
+        y = torch.round(y)
+    q = y.add_(zero_point).clamp_(0, 2**bits - 1)
+    codes = q.to(torch.uint8 if bits <= 8 else torch.int32)
+    x_hat = q.sub_(zero_point).mul_(scale)
+    return QTensor(codes, scale, zero_point), x_hat
+
+
+def fake_quantize_values(
+    x: Tensor,
+    bits: int,
+    rounding: str = "nearest",
+    dim: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """x quantized over its own [min, max] and dequantized; no autograd (see fake_quantize)."""
+    scale, zero_point = qparams(*aminmax(x, dim), bits)
+    return quantize(x, bits, scale, zero_point, rounding, generator)[1]
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bits, rounding, dim, generator):  # noqa: ANN001, ANN205
+        return fake_quantize_values(x, bits, rounding, dim, generator)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad, None, None, None, None  # straight-through estimator
+
+
+def fake_quantize(
+    x: Tensor,
+    bits: int,
+    rounding: str = "nearest",
+    dim: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """GEMMLOWP fake quantization to 2^bits levels over [min, max] of x (per slice along `dim`).
+
+    Returns the dequantized tensor; the gradient passes straight through (STE).
+    `rounding` is "nearest" or "stochastic"; `generator` seeds the stochastic draws.
+    """
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding={rounding!r} is invalid: valid choices are nearest, stochastic")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits={bits!r} is invalid: bits must be an integer in 2..16")
+    return _FakeQuantizeSTE.apply(x, bits, rounding, dim, generator)

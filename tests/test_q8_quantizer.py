@@ -1,0 +1,177 @@
+"""The quantizer's contract (../shared/PAPER.md, "Quantizer"), each tolerance from the maths."""
+
+import math
+
+import pytest
+import torch
+
+from q8 import QuantConfig, fake_quantize
+from q8.quantizer import aminmax, qparams
+
+BITS = [2, 4, 8, 16]
+F32_EPS = torch.finfo(torch.float32).eps
+
+
+def scale_of(x, bits, dim=None):
+    return qparams(*aminmax(x, dim), bits)[0]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shift", [0.0, 3.0, -3.0])  # ranges holding 0, all positive, all negative
+def test_nearest_error_at_most_half_a_step(bits, shift):
+    x = torch.randn(4096) * 2 + shift
+    s = scale_of(x, bits)
+    err = (fake_quantize(x, bits) - x).abs().max()
+    # plus float32 rounding of x / s and (q - z) * s: a few ulps of max|x|
+    assert err <= s / 2 + 4 * F32_EPS * x.abs().max()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_nearest_has_at_most_2_to_the_bits_values(bits):
+    x = torch.randn(100_000) * 5 + 1
+    assert fake_quantize(x, bits).unique().numel() <= 2**bits
+
+
+def test_zero_is_exact_and_relu_zeros_stay_zero():
+    x = torch.relu(torch.randn(1000))
+    q = fake_quantize(x, 8)
+    assert torch.equal(q[x == 0], torch.zeros_like(q[x == 0]))
+
+
+def test_per_channel_uses_each_slice_range():
+    x = torch.randn(16, 3, 3, 3) * torch.logspace(-3, 1, 16).view(-1, 1, 1, 1)
+    q = fake_quantize(x, 8, dim=0)
+    s = scale_of(x, 8, dim=0)
+    assert ((q - x).abs() <= s / 2 + 4 * F32_EPS * x.abs().amax((1, 2, 3), keepdim=True)).all()
+    # a per-tensor scale would erase the small channels entirely
+    assert (fake_quantize(x, 8)[0] == 0).all() and not (q[0] == 0).all()
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("value", [0.0, 1.5, -2.25, 1e-30, 3e5])
+def test_zero_range_returns_input_exactly(rounding, value):
+    x = torch.full((7, 5), value)
+    q = fake_quantize(x, 8, rounding=rounding)
+    assert torch.equal(q, x)
+
+
+def test_constant_slice_with_per_channel_is_exact():
+    x = torch.randn(4, 10)
+    x[1] = 0.0
+    x[2] = -0.7
+    q = fake_quantize(x, 8, dim=0)
+    assert torch.equal(q[1:3], x[1:3]) and not q.isnan().any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_propagates_as_nan(bad):
+    x = torch.randn(100)
+    x[3] = bad
+    for rounding in ("nearest", "stochastic"):
+        assert fake_quantize(x, 8, rounding=rounding).isnan().all()
+
+
+def _rounding_sigma(x, bits):
+    # stochastic rounding of x: step s, fraction p above the lower code -> var = p(1-p) s^2
+    s = scale_of(x, bits)
+    p = (x / s).double()
+    p = p - p.floor()
+    return (p * (1 - p)).sqrt() * s
+
+
+def bernstein(sigma, s, n, delta=1e-9):
+    """|mean of n draws - x| bound at probability 1 - delta for a variable of spread s and
+    std sigma: P(|err| >= e) <= 2 exp(-n e^2 / (2 sigma^2 + 2 s e / 3))."""
+    t = math.log(2 / delta)
+    a = s * t / (3 * n)
+    return a + (a * a + 2 * sigma**2 * t / n).sqrt()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_stochastic_rounding_is_unbiased_at_rate_sigma_over_sqrt_n(bits):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, generator=g)
+    sigma = _rounding_sigma(x, bits)
+    for n in (64, 1024):
+        draws = torch.stack([fake_quantize(x, bits, "stochastic", generator=g) for _ in range(n)])
+        err = draws.double().mean(0) - x
+        # each element's mean is within Bernstein's bound (a Bernoulli per element)...
+        s = scale_of(x, bits)
+        assert (err.abs() <= bernstein(sigma, s, n) + 4 * F32_EPS * x.abs().max()).all()
+        # ...and the RMS error over elements is sigma/sqrt(N): 2048 elements give ~1.6% noise
+        ratio = err.pow(2).mean().sqrt() / (sigma.pow(2).mean().sqrt() / math.sqrt(n))
+        assert 0.9 < ratio < 1.1
+
+
+def test_stochastic_rounding_error_is_below_one_step():
+    x = torch.randn(10_000)
+    s = scale_of(x, 8)
+    assert ((fake_quantize(x, 8, "stochastic") - x).abs() < s + 4 * F32_EPS * x.abs().max()).all()
+
+
+def test_stochastic_rounding_is_reproducible_with_a_seeded_generator():
+    x = torch.randn(1000)
+    a = fake_quantize(x, 4, "stochastic", generator=torch.Generator().manual_seed(1))
+    b = fake_quantize(x, 4, "stochastic", generator=torch.Generator().manual_seed(1))
+    c = fake_quantize(x, 4, "stochastic", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stochastic_rounding_on_cuda():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, device="cuda")
+    draws = torch.stack([fake_quantize(x, 8, "stochastic", generator=g) for _ in range(256)])
+    sigma = _rounding_sigma(x, 8)
+    bound = bernstein(sigma, scale_of(x, 8), 256) + 4 * F32_EPS * x.abs().max()
+    assert ((draws.double().mean(0) - x).abs() <= bound).all()
+    g2 = torch.Generator(device="cuda").manual_seed(0)
+    assert torch.equal(draws[0], fake_quantize(x, 8, "stochastic", generator=g2))
+
+
+def test_straight_through_gradient():
+    x = torch.randn(50, requires_grad=True)
+    w = torch.randn(50)
+    (fake_quantize(x, 4) * w).sum().backward()
+    assert torch.equal(x.grad, w)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"weight_bits": 1}, "weight_bits"),
+        ({"act_bits": 17}, "act_bits"),
+        ({"grad_bits": 0}, "grad_bits"),
+        ({"wgrad_bits": 4}, "wgrad_bits"),
+        ({"grad_bits": None}, "wgrad_bits"),
+        ({"grad_rounding": "up"}, "grad_rounding"),
+        ({"bn": "layer"}, "bn"),
+        ({"range_bn_scale": "x"}, "range_bn_scale"),
+        ({"act_momentum": 0}, "act_momentum"),
+        ({"range_bn_chunks": 0}, "range_bn_chunks"),
+        ({"weight_bits": 8.0}, "weight_bits"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**kwargs)
+
+
+def test_config_error_lists_valid_choices():
+    with pytest.raises(ValueError, match="stochastic, nearest"):
+        QuantConfig(grad_rounding="up")
+    with pytest.raises(ValueError, match="2..16"):
+        QuantConfig(weight_bits=1)
+
+
+def test_config_from_dict_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="wbits"):
+        QuantConfig.from_dict({"wbits": 8})
+    assert QuantConfig.from_dict(QuantConfig().to_dict()) == QuantConfig()
+
+
+def test_fake_quantize_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rounding"):
+        fake_quantize(torch.randn(3), 8, rounding="floor")
+    with pytest.raises(ValueError, match="bits"):
+        fake_quantize(torch.randn(3), 1)

@@ -1,0 +1,163 @@
+"""Range BN: an unbiased sigma estimate for every n, an exact gradient, and no NaN ever."""
+
+import math
+
+import pytest
+import torch
+
+from q8 import QuantBatchNorm2d, QuantConfig, RangeBatchNorm2d, d2
+from q8.norm import RangeSpec, chunk_sizes, range_scale, range_std
+
+FP = dict(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
+
+
+def test_d2_matches_known_values():
+    assert d2(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)  # E|X1 - X2| exactly
+    assert d2(16) == pytest.approx(3.532, abs=1e-3)
+    assert d2(1024) == pytest.approx(6.497, abs=1e-3)
+    assert d2(50176) == pytest.approx(8.462, abs=1e-3)
+
+
+def test_scale_rules_reproduce_the_papers_figures():
+    # the 2018 code's constant underestimates sigma by 19% at n = 16 (../shared/PAPER.md)
+    assert range_scale(16, "hoffer2018") * d2(16) == pytest.approx(0.81, abs=0.005)
+    # the paper's 1/sqrt(2 ln n) overestimates: ratio 1.40 at n = 8
+    assert range_scale(8, "paper") * d2(8) == pytest.approx(1.40, abs=0.005)
+
+
+# n = B*H*W from 16 to 10^6; C channels so that the average over channels has < 0.5% noise
+SHAPES = [(16, 4096, 1, 1), (4, 2048, 2, 2), (8, 512, 8, 8), (16, 256, 16, 16),
+          (3, 64, 37, 59), (16, 16, 64, 64), (16, 4, 250, 250)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"n={s[0] * s[2] * s[3]}")
+def test_sigma_estimate_is_unbiased_for_every_n(shape):
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = shape
+    mean = torch.randn(C, generator=g) * 10
+    sigma = torch.rand(C, generator=g) * 5 + 0.1
+    x = torch.randn(shape, generator=g) * sigma.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
+    est, _ = range_std(x, RangeSpec(chunks=16, rule="exact", eps=0.0))
+    assert (est / sigma).mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_module_estimate_is_what_running_var_learns():
+    bn = RangeBatchNorm2d(64, momentum=1.0, q8_config=QuantConfig(**FP, bn="range"))
+    x = torch.randn(16, 64, 8, 8) * 3 + 1
+    bn(x)
+    assert bn.running_var.sqrt().mean().item() == pytest.approx(3.0, rel=0.02)
+    assert bn.running_mean.mean().item() == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("batch, spatial", [(5, 7), (1, 9), (3, 1), (1, 1), (17, 2)])
+def test_any_batch_shape_works(batch, spatial):
+    sizes = chunk_sizes(batch, spatial, 16)
+    assert sum(sizes) == batch and len(sizes) <= 16
+    assert all(s * spatial >= 2 for s in sizes) or batch * spatial < 2
+    bn = RangeBatchNorm2d(3, q8_config=QuantConfig())
+    x = torch.randn(batch, 3, spatial, 1, requires_grad=True)
+    y = bn(x)
+    y.pow(2).sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+
+def reference_range_bn(x, weight, bias, spec):
+    """Range BN written with autograd (float64): the ground truth for the hand-written backward."""
+    B, C = x.shape[:2]
+    xv = x.reshape(B, C, -1)
+    mean = xv.mean((0, 2))
+    sizes = chunk_sizes(B, xv.shape[-1], spec.chunks)
+    sigma = 0
+    for part in torch.split(xv, sizes):
+        n = part.shape[0] * part.shape[2]
+        sigma = sigma + (part.amax((0, 2)) - part.amin((0, 2))) * range_scale(n, spec.rule)
+    sigma = sigma / len(sizes)
+    S = torch.sqrt(sigma**2 + spec.eps)
+    y = (xv - mean[:, None]) / S[:, None] * weight[:, None] + bias[:, None]
+    return y.view_as(x)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 5, 5), (3, 6, 2, 3), (20, 2, 1, 1)])
+@pytest.mark.parametrize("rule", ["exact", "paper"])
+def test_backward_matches_autograd_of_the_definition(shape, rule):
+    cfg = QuantConfig(**FP, bn="range", range_bn_chunks=4, range_bn_scale=rule)
+    bn = RangeBatchNorm2d(shape[1], q8_config=cfg).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape, dtype=torch.float64)
+    bn(x).backward(g)
+    x2 = x.detach().clone().requires_grad_(True)
+    w2, b2 = bn.weight.detach().clone().requires_grad_(), bn.bias.detach().clone().requires_grad_()
+    ref = reference_range_bn(x2, w2, b2, bn.q8_range)
+    torch.testing.assert_close(bn(x.detach()), ref.detach())
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bn.weight.grad, w2.grad)
+    torch.testing.assert_close(bn.bias.grad, b2.grad)
+
+
+def test_range_bn_matches_batchnorm_on_gaussian_input():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8, 16, 16) * 2 - 1
+    rbn = RangeBatchNorm2d(8, q8_config=QuantConfig(**FP, bn="range"))
+    bn = torch.nn.BatchNorm2d(8)
+    y, y_ref = rbn(x), bn(x)
+    # same normalisation up to the estimator's noise (a few % of sigma)
+    assert (y - y_ref).pow(2).mean().sqrt() < 0.05
+
+
+def test_eval_uses_running_statistics():
+    bn = RangeBatchNorm2d(4, momentum=1.0, q8_config=QuantConfig(act_bits=None))
+    x = torch.randn(16, 4, 8, 8) * 2 + 3
+    bn(x)
+    bn.eval()
+    want = (x - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var + bn.eps).sqrt().view(
+        1, -1, 1, 1)
+    torch.testing.assert_close(bn(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [RangeBatchNorm2d, QuantBatchNorm2d])
+def test_degenerate_inputs_never_give_nan(cls):
+    bn = cls(3, q8_config=QuantConfig())
+    for x in (torch.zeros(4, 3, 5, 5), torch.full((4, 3, 5, 5), 2.5), torch.randn(1, 3, 4, 4)):
+        x.requires_grad_(True)
+        y = bn(x)
+        y.backward(torch.randn_like(y))
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+        y.detach().zero_()
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    bn(x).backward(torch.zeros(4, 3, 5, 5))  # all-zero gradient: zero range, no 0/0
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_range_bn_single_value_per_channel_is_finite():
+    bn = RangeBatchNorm2d(3, q8_config=QuantConfig())
+    x = torch.randn(1, 3, 1, 1, requires_grad=True)
+    y = bn(x)
+    y.sum().backward()
+    # x - mean(x) is 0 up to float32 rounding of x, then divided by sqrt(eps)
+    atol = 4 * torch.finfo(torch.float32).eps * x.abs().max().item() / math.sqrt(bn.eps)
+    torch.testing.assert_close(y, bn.bias.view(1, -1, 1, 1).expand_as(y).detach(), rtol=0,
+                               atol=atol)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_quantized_batchnorm_gradients_are_8_bit_noisy_but_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 6, 6)
+    g = torch.randn(16, 4, 6, 6)
+    bn = torch.nn.BatchNorm2d(4)
+    xr = x.clone().requires_grad_(True)
+    bn(xr).backward(g)
+    qbn = QuantBatchNorm2d(4, q8_config=QuantConfig(act_bits=None, bn="batchnorm"))
+    draws = []
+    for _ in range(200):
+        xq = x.clone().requires_grad_(True)
+        qbn(xq).backward(g)
+        draws.append(xq.grad)
+    draws = torch.stack(draws)
+    assert not torch.equal(draws[0], xr.grad)  # quantized...
+    err = (draws.mean(0) - xr.grad).pow(2).mean() / (draws[0] - xr.grad).pow(2).mean()
+    assert err < 3 / 200  # ...and the error of the mean shrinks like 1/N (unbiased)
