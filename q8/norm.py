@@ -49,11 +49,17 @@ def range_scale(n: int, rule: str = "exact") -> float:
     return 0.5 * 0.35 * (1 + math.sqrt(math.pi * math.log(4))) * paper  # "hoffer2018"
 
 
+# A chunk of m values has P(range < e*sigma) ~ e^(m-1): with few values per chunk 1/sigma_hat is
+# heavy-tailed (two close samples give a near-zero range and x_tilde explodes). Chunks hold at
+# least this many values; one chunk of all n values keeps |x_tilde| <= d2(n).
+MIN_CHUNK_VALUES = 32
+
+
 def chunk_sizes(batch: int, spatial: int, chunks: int) -> list[int]:
     """Samples per chunk: the batch split into <= `chunks` near-equal groups of whole samples,
-    each holding at least 2 values per channel where the batch allows it."""
-    most = batch if spatial >= 2 else max(1, batch // 2)
-    k = max(1, min(chunks, most))
+    each holding at least MIN_CHUNK_VALUES values per channel (or one chunk of everything)."""
+    most = batch * spatial // MIN_CHUNK_VALUES
+    k = max(1, min(chunks, batch, most))
     base, rem = divmod(batch, k)
     return [base + 1] * rem + [base] * (k - rem)
 

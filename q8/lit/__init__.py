@@ -1,26 +1,28 @@
 """The training application's plain-Python parts: LightningModule, data modules, helpers.
 
-No Hydra here: train.py turns the configuration into these objects.
+No Hydra here: train.py turns the configuration into these objects. Names are imported lazily
+so that `q8.lit.errors` can be used without paying for importing Lightning.
 """
 
-from q8.lit.data import (
-    CIFARDataModule,
-    DigitsDataModule,
-    ImageFolderDataModule,
-    SyntheticDataModule,
-)
-from q8.lit.errors import DatasetNotFoundError, UsageError
-from q8.lit.models import check_model_name, create_backbone
-from q8.lit.module import ClassifierModule
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "CIFARDataModule",
-    "ClassifierModule",
-    "DatasetNotFoundError",
-    "DigitsDataModule",
-    "ImageFolderDataModule",
-    "SyntheticDataModule",
-    "UsageError",
-    "check_model_name",
-    "create_backbone",
-]
+_EXPORTS = {
+    "CIFARDataModule": "q8.lit.data",
+    "DigitsDataModule": "q8.lit.data",
+    "ImageFolderDataModule": "q8.lit.data",
+    "SyntheticDataModule": "q8.lit.data",
+    "DatasetNotFoundError": "q8.lit.errors",
+    "UsageError": "q8.lit.errors",
+    "check_model_name": "q8.lit.models",
+    "create_backbone": "q8.lit.models",
+    "ClassifierModule": "q8.lit.module",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'q8.lit' has no attribute {name!r}")

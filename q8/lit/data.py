@@ -1,4 +1,4 @@
-"""LightningDataModules: digits (bundled, the default), CIFAR-10/100, ImageFolder/ImageNet, synthetic.
+"""LightningDataModules: digits (bundled, the default), CIFAR-10/100, ImageFolder, synthetic.
 
 Each exposes `num_classes` and `in_chans` before `setup()`, so the model can be built from them,
 and checks in its constructor that its files exist, so a wrong path fails before any training.
@@ -7,6 +7,7 @@ and checks in its constructor that its files exist, so a wrong path fails before
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import lightning as L
 import numpy as np
@@ -42,7 +43,9 @@ class _ClassificationDataModule(L.LightningDataModule):
     num_classes: int
     in_chans: int
 
-    def __init__(self, batch_size: int, num_workers: int = 0, eval_batch_size: int | None = None):
+    def __init__(
+        self, batch_size: int, num_workers: int = 0, eval_batch_size: int | None = None
+    ) -> None:
         super().__init__()
         _check_positive(batch_size=batch_size)
         self.batch_size = batch_size
@@ -97,7 +100,9 @@ class DigitsDataModule(_ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         _check_positive(image_size=image_size)
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        if not (
+            0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1
+        ):
             raise UsageError(
                 f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be "
                 "in (0, 1) with a sum below 1"
@@ -130,8 +135,8 @@ class CIFARDataModule(_ClassificationDataModule):
     the official test set is the test set. Training uses random crop (pad 4) and flip.
     """
 
-    _FOLDERS = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
-    _STATS = {
+    _FOLDERS: ClassVar[dict[int, str]] = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
+    _STATS: ClassVar[dict[int, tuple[tuple[float, ...], tuple[float, ...]]]] = {
         10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
         100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     }
@@ -150,7 +155,9 @@ class CIFARDataModule(_ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         if num_classes not in self._FOLDERS:
-            raise UsageError(f"data.num_classes={num_classes!r} is invalid for CIFAR: use 10 or 100")
+            raise UsageError(
+                f"data.num_classes={num_classes!r} is invalid for CIFAR: use 10 or 100"
+            )
         self.root = Path(root)
         self.num_classes = num_classes
         self.download = download
@@ -187,7 +194,9 @@ class CIFARDataModule(_ClassificationDataModule):
         cls = self._dataset_class()
         train_aug = cls(str(self.root), train=True, transform=augment)
         train_plain = cls(str(self.root), train=True, transform=plain)
-        perm = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(self.split_seed))
+        perm = torch.randperm(
+            len(train_aug), generator=torch.Generator().manual_seed(self.split_seed)
+        )
         self.train_set = Subset(train_aug, perm[self.val_size :].tolist())
         self.val_set = Subset(train_plain, perm[: self.val_size].tolist())
         self.test_set = cls(str(self.root), train=False, transform=plain)
@@ -239,7 +248,9 @@ class ImageFolderDataModule(_ClassificationDataModule):
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
-        train_tf = create_transform(self.image_size, is_training=True, auto_augment=self.auto_augment)
+        train_tf = create_transform(
+            self.image_size, is_training=True, auto_augment=self.auto_augment
+        )
         eval_tf = create_transform(self.image_size, is_training=False, crop_pct=self.crop_pct)
         self.train_set = ImageFolder(str(self.root / self.dirs["train"]), transform=train_tf)
         self.val_set = ImageFolder(str(self.root / self.dirs["val"]), transform=eval_tf)
@@ -278,7 +289,10 @@ class SyntheticDataModule(_ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         _check_positive(
-            num_samples=num_samples, image_size=image_size, in_chans=in_chans, num_classes=num_classes
+            num_samples=num_samples,
+            image_size=image_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
         )
         self.num_samples = num_samples
         self.shape = (in_chans, image_size, image_size)

@@ -1,8 +1,7 @@
-"""LightningModule: a timm classifier, rewritten by q8.quantize_model, trained with the paper's recipe."""
+"""LightningModule: a timm classifier rewritten by q8.quantize_model, trained as the paper did."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,8 +13,6 @@ from q8.config import QuantConfig
 from q8.lit.errors import UsageError
 from q8.lit.models import create_backbone
 from q8.lit.optim import create_optimizer, create_scheduler
-
-log = logging.getLogger(__name__)
 
 
 def _quantize_model(model: torch.nn.Module, config: QuantConfig) -> torch.nn.Module:
@@ -49,7 +46,9 @@ class ClassifierModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if quant is None:
-            quant = QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None, bn="batchnorm")
+            quant = QuantConfig(
+                weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None, bn="batchnorm"
+            )
         elif not isinstance(quant, QuantConfig):
             quant = QuantConfig.from_dict(dict(quant))
         self.quant_config = quant
@@ -70,10 +69,7 @@ class ClassifierModule(L.LightningModule):
         )
         self.model = create_backbone(model_name, num_classes, in_chans, small_input, model_kwargs)
         if not quant.is_full_precision:
-            self.model = _quantize_model(self.model, quant)
-            report = getattr(self.model, "q8_report", None)
-            if report is not None:
-                log.info("q8.quantize_model(%s):\n%s", quant.short_str(), report)
+            self.model = _quantize_model(self.model, quant)  # logs what it replaced
         self.start_step = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +82,9 @@ class ClassifierModule(L.LightningModule):
         acc = (logits.argmax(dim=1) == y).float().mean()
         on_step = stage == "train"
         sync = stage != "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync)
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync
+        )
         self.log(f"{stage}/acc", acc, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync)
         return loss
 
@@ -107,6 +105,15 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = create_optimizer(self.parameters(), **self.hparams.optimizer)
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = create_scheduler(optimizer, total_steps, total_steps / epochs, **self.hparams.scheduler)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        epochs = (
+            self.trainer.max_epochs
+            if self.trainer.max_epochs and self.trainer.max_epochs > 0
+            else 1
+        )
+        scheduler = create_scheduler(
+            optimizer, total_steps, total_steps / epochs, **self.hparams.scheduler
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

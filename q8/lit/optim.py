@@ -17,11 +17,15 @@ from q8.lit.errors import UsageError
 SCHEDULES = ("cosine", "step", "constant")
 
 
-def create_optimizer(params: Iterable[Any], name: str = "sgd", **kwargs: Any) -> torch.optim.Optimizer:
+def create_optimizer(
+    params: Iterable[Any], name: str = "sgd", **kwargs: Any
+) -> torch.optim.Optimizer:
     """`name` is sgd, adamw or adam; kwargs (lr, momentum, weight_decay, ...) go to torch.optim."""
     classes = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
     if name not in classes:
-        raise UsageError(f"optimizer.name={name!r} is invalid: valid choices are {', '.join(classes)}")
+        raise UsageError(
+            f"optimizer.name={name!r} is invalid: valid choices are {', '.join(classes)}"
+        )
     try:
         return classes[name](params, **kwargs)
     except (TypeError, ValueError) as ex:
@@ -58,7 +62,9 @@ def create_scheduler(
     """A per-step LambdaLR following lr_factor(settings); call scheduler.step() every step."""
     name = settings.get("name", "cosine")
     if name not in SCHEDULES:
-        raise UsageError(f"scheduler.name={name!r} is invalid: valid choices are {', '.join(SCHEDULES)}")
+        raise UsageError(
+            f"scheduler.name={name!r} is invalid: valid choices are {', '.join(SCHEDULES)}"
+        )
     try:
         lr_factor(0, total_steps, steps_per_epoch, **settings)
     except TypeError as ex:

@@ -1,4 +1,4 @@
-"""Make W&B safe to use by default: offline unless credentials exist, never blocking on a network."""
+"""W&B that is safe by default: offline unless credentials exist, never waiting on a network."""
 
 from __future__ import annotations
 

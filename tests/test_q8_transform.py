@@ -1,0 +1,140 @@
+"""quantize_model on timm models: what is replaced, what is kept, and that they train."""
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+import q8
+from q8 import QuantConfig, quantize_model
+
+MODELS = {  # name -> create_model kwargs that keep a CPU step fast
+    "resnet18": {},
+    "resnet50": {},
+    "efficientnet_b0": {},
+    "mobilenetv3_small_100": {},
+    "regnetx_002": {},
+    "convnext_atto": {},
+    "vit_tiny_patch16_224": {"img_size": 32, "patch_size": 8},
+    "tf_efficientnet_b0": {},  # Conv2dSame
+    "resnetv2_50x1_bit": {},  # StdConv2d
+}
+HIGH_PRECISION = QuantConfig(weight_bits=16, act_bits=16, grad_bits=16, wgrad_bits=16,
+                             grad_rounding="nearest", bn="batchnorm")
+
+
+def make(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=10, **MODELS[name], **kw)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_transforms_and_trains_a_step(name):
+    model = quantize_model(make(name), QuantConfig())
+    report = model.q8_report
+    n_gemm = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    n_q = sum(isinstance(m, q8.layers.QuantLayerMixin) for m in model.modules())
+    assert n_q == n_gemm > 0  # every conv and linear, subclasses included
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # gradients reach the same parameters as in the fp32 model (zero-init gammas block some)
+    ref = make(name)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    for (pname, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert torch.isfinite(p.grad).all(), pname
+        assert (p.grad.abs().sum() > 0) == (p_ref.grad.abs().sum() > 0), pname
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.optim.SGD(model.parameters(), lr=0.01).step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert "replaced" in str(report)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_twins_keep_the_original_behaviour(name):
+    """At 16 bits with nearest rounding the quantized model is the original up to rounding:
+    padding of Conv2dSame, weight standardisation of StdConv2d, BatchNormAct2d's activation."""
+    ref = make(name).eval()
+    model = quantize_model(copy.deepcopy(ref), HIGH_PRECISION).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y_ref, y = ref(x), model(x)
+    assert (y - y_ref).abs().max() <= 1e-2 * y_ref.abs().max()
+
+
+def test_subclass_twins_subclass_the_originals():
+    from timm.layers import BatchNormAct2d, Conv2dSame, StdConv2d
+
+    model = quantize_model(
+        nn.Sequential(Conv2dSame(3, 4, 3, stride=2), StdConv2d(4, 4, 3), BatchNormAct2d(4)),
+        QuantConfig(),
+    )
+    assert isinstance(model[0], Conv2dSame) and isinstance(model[0], q8.layers.QuantLayerMixin)
+    assert isinstance(model[1], StdConv2d) and isinstance(model[2], BatchNormAct2d)
+    assert isinstance(model[2].act, nn.ReLU)  # BatchNormAct2d kept its activation
+
+
+def test_state_dicts_load_both_ways():
+    ref = make("resnet18")
+    model = quantize_model(make("resnet18"), QuantConfig())
+    model.load_state_dict(ref.state_dict(), strict=True)  # an fp32 checkpoint loads
+    missing, unexpected = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.endswith(("act_range", "act_range_steps")) for k in unexpected)
+
+
+def test_skip_patterns_and_report():
+    model = quantize_model(make("resnet18"), QuantConfig(skip=("conv1", "fc")))
+    assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    kept = {name: why for name, _, why in model.q8_report.kept}
+    assert kept["conv1"] == kept["fc"] == "skipped by config.skip"
+    assert "skipped by config.skip" in model.q8_report.summary()
+
+
+def test_full_precision_config_is_a_no_op():
+    fp32 = QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None,
+                       bn="batchnorm")
+    model = quantize_model(make("resnet18"), fp32)
+    assert not model.q8_report.replaced and type(model.conv1) is nn.Conv2d
+
+
+def test_report_names_layers_left_in_full_precision():
+    model = quantize_model(make("vit_tiny_patch16_224"), QuantConfig())
+    summary = model.q8_report.summary()
+    assert "LayerNorm" in summary and "no quantized twin" in summary
+
+
+def test_quantize_model_is_idempotent():
+    model = quantize_model(make("resnet18"), QuantConfig())
+    again = quantize_model(model, QuantConfig())
+    assert not again.q8_report.replaced
+
+
+def saved_bytes(model, x):
+    """Bytes of the tensors autograd saves for backward (each storage once; parameters,
+    alive anyway, not counted) over one forward/backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).logsumexp(1).mean()
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_saved_for_backward_bytes_are_at_most_0_4_of_fp32():
+    x = torch.randn(128, 3, 32, 32)
+    fp32 = saved_bytes(make("resnet18"), x)
+    q = saved_bytes(quantize_model(make("resnet18"), QuantConfig()), x)
+    print(f"resnet18 b128 32x32 saved for backward: fp32 {fp32 / 2**20:.1f} MiB, "
+          f"q8 {q / 2**20:.1f} MiB, ratio {q / fp32:.3f}")
+    assert q <= 0.40 * fp32
