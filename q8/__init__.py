@@ -1,5 +1,6 @@
 """q8: 8-bit training of neural networks (Banner et al., NeurIPS 2018) in plain PyTorch."""
 
+from q8.compile import compile_enabled, set_compile
 from q8.config import QuantConfig
 from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
 from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2
@@ -15,7 +16,9 @@ __all__ = [
     "QuantReLU",
     "QuantReport",
     "RangeBatchNorm2d",
+    "compile_enabled",
     "d2",
     "fake_quantize",
     "quantize_model",
+    "set_compile",
 ]

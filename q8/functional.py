@@ -14,7 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from q8.quantizer import QTensor, aminmax, qparams, quantize
+from q8.compile import fused
+from q8.quantizer import (
+    QTensor,
+    aminmax,
+    fake_quant,
+    qparams,
+    quantize_codes,
+    round_to_grid,
+    rounding_noise,
+)
 
 
 @dataclass(frozen=True)
@@ -26,27 +35,35 @@ class GradSpec:
     rounding: str = "stochastic"
 
 
-def quantize_grad(g: Tensor, spec: GradSpec) -> tuple[Tensor, Tensor]:
-    """g_l for dL/dx (grad_bits) and its copy for dL/dW (wgrad_bits), from one min/max pass."""
-    if spec.bits is None and spec.wbits is None:
-        return g, g
+@fused
+def _grad_pair(g: Tensor, bits: int | None, wbits: int | None,
+               noise: Tensor | None) -> tuple[Tensor, Tensor]:
     lo, hi = torch.aminmax(g)
 
-    def q(bits: int | None) -> Tensor:
-        if bits is None:
+    def q(b: int | None) -> Tensor:
+        if b is None:
             return g
-        return quantize(g, bits, *qparams(lo, hi, bits), spec.rounding)[1]
+        scale, zero_point = qparams(lo, hi, b)
+        return (round_to_grid(g, scale, zero_point, b, noise) - zero_point) * scale
 
-    g_data = q(spec.bits)
-    return g_data, (g_data if spec.wbits == spec.bits else q(spec.wbits))
+    g_data = q(bits)
+    return g_data, (g_data if wbits == bits else q(wbits))
+
+
+def quantize_grad(g: Tensor, spec: GradSpec) -> tuple[Tensor, Tensor]:
+    """g_l for dL/dx (grad_bits) and its copy for dL/dW (wgrad_bits), from one min/max pass.
+    Both copies round with the same noise draw; each is unbiased on its own."""
+    if spec.bits is None and spec.wbits is None:
+        return g, g
+    return _grad_pair(g, spec.bits, spec.wbits, rounding_noise(g, spec.rounding))
 
 
 def quantize_input(x: Tensor, bits: int | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, tuple]:
     """x_hat for the forward and what backward must keep: 8-bit codes (or x itself if fp32)."""
     if bits is None:
         return x, (x,)
-    qt, x_hat = quantize(x, bits, *qparams(lo, hi, bits))
-    return x_hat, tuple(qt)
+    codes, x_hat, scale, zero_point = quantize_codes(x, lo, hi, bits)
+    return x_hat, (codes, scale, zero_point)
 
 
 def restore_input(saved: tuple) -> Tensor:
@@ -59,11 +76,11 @@ def quantize_weight(w: Tensor, bits: int | None, per_channel: bool) -> tuple[Ten
     if bits is None:
         return w, ()
     scale, zero_point = qparams(*aminmax(w.detach(), 0 if per_channel else None), bits)
-    return quantize(w, bits, scale, zero_point)[1], (scale, zero_point)
+    return fake_quant(w, scale, zero_point, bits), (scale, zero_point)
 
 
 def requantize_weight(w: Tensor, bits: int | None, qp: tuple) -> Tensor:
-    return w if bits is None else quantize(w, bits, *qp)[1]
+    return w if bits is None else fake_quant(w, *qp, bits)
 
 
 @dataclass(frozen=True)
@@ -132,20 +149,23 @@ class BifurcatedLayerFn(torch.autograd.Function):
 # ReLU and max-pool keep only what their backward needs, in 8 bits or less.
 
 
-def _pack_bits(mask: Tensor) -> Tensor:
-    """bool tensor -> uint8, 8 flags per byte (padded to a multiple of 8)."""
-    flat = mask.reshape(-1)
+@fused
+def _pack_positive(y: Tensor) -> Tensor:
+    """The mask y > 0 as uint8, 8 flags per byte (padded to a multiple of 8)."""
+    flat = (y > 0).reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = F.pad(flat, (0, pad))
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=y.device)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
-def _unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+@fused
+def _mask_grad(gy: Tensor, packed: Tensor) -> Tensor:
+    """gy where the packed mask is set, 0 elsewhere."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[: shape.numel()].view(shape).bool()
+    return gy * bits.reshape(-1)[: gy.numel()].view(gy.shape)
 
 
 class ReLUFn(torch.autograd.Function):
@@ -156,14 +176,13 @@ class ReLUFn(torch.autograd.Function):
         y = x.clamp_(min=0) if inplace else x.clamp(min=0)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.shape = x.shape
-        ctx.save_for_backward(_pack_bits(y > 0))
+        ctx.save_for_backward(_pack_positive(y))
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         (packed,) = ctx.saved_tensors
-        return gy * _unpack_bits(packed, ctx.shape), None
+        return _mask_grad(gy.contiguous(), packed), None
 
 
 class MaxPool2dFn(torch.autograd.Function):
@@ -172,7 +191,7 @@ class MaxPool2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):  # noqa: ANN001, ANN205
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+        (_, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
         H, W = x.shape[-2:]
         oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1) * sh - ph
         ow = torch.arange(y.shape[-1], device=x.device).view(1, -1) * sw - pw

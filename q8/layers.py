@@ -97,8 +97,9 @@ class QuantLayerMixin(ActRangeMixin):
     def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._q8_apply(x, weight, bias, self.q8_spec)
 
-    def _q8_conv2d(self, x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1,
-                   padding=0, dilation=1, groups=1) -> Tensor:  # noqa: ANN001
+    def _q8_conv2d(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                   stride: int | tuple = 1, padding: int | tuple | str = 0,
+                   dilation: int | tuple = 1, groups: int = 1) -> Tensor:
         dilation = _pair(dilation)
         if isinstance(padding, str):  # "valid" / "same": make it explicit integer padding
             if padding == "valid":

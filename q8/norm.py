@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from q8.compile import fused
 from q8.config import QuantConfig
 from q8.functional import GradSpec, quantize_grad, quantize_input, restore_input
 from q8.layers import _TWINS, ActRangeMixin
-from q8.quantizer import fake_quantize
+from q8.quantizer import fake_quantize, qparams, round_to_grid, rounding_noise
 
 
 @functools.lru_cache(maxsize=4096)
@@ -71,35 +72,81 @@ class RangeSpec:
     eps: float
 
 
-def range_std(x: Tensor, spec: RangeSpec) -> tuple[Tensor, tuple]:
-    """sigma_hat per channel of x (B, C, ...), and what backward needs to differentiate it."""
-    B, C = x.shape[:2]
-    xv = x.reshape(B, C, -1)
-    sizes = chunk_sizes(B, xv.shape[-1], spec.chunks)
-    smin, smax = torch.aminmax(xv, dim=-1)  # per-sample extremes (B, C)
-    lengths = torch.tensor(sizes, device=x.device)
-    cmax = torch.segment_reduce(smax, "max", lengths=lengths, axis=0)  # (K, C)
-    cmin = torch.segment_reduce(smin, "min", lengths=lengths, axis=0)
-    coef = torch.tensor([range_scale(s * xv.shape[-1], spec.rule) for s in sizes],
-                        device=x.device, dtype=x.dtype)
-    sigma = ((cmax - cmin) * coef[:, None]).mean(0)
-    return sigma, (lengths, cmax, cmin, coef)
+def _load(src: Tensor, scale: Tensor | None, zero_point: Tensor | None) -> Tensor:
+    """x_hat from its 8-bit codes (scale given) or x itself (fp32 input)."""
+    return src if scale is None else (src.float() - zero_point) * scale
 
 
-def range_std_backward(x: Tensor, grad_sigma: Tensor, saved: tuple) -> Tensor:
-    """dL/dx from dL/dsigma_hat (C,): the range's gradient goes to each chunk's max and min
-    (split evenly among ties, as torch.amax does)."""
-    lengths, cmax, cmin, coef = saved
+def _quantized_grad(gy: Tensor, lo: Tensor, hi: Tensor, bits: int | None,
+                    noise: Tensor | None) -> Tensor:
+    if bits is None:
+        return gy
+    scale, zero_point = qparams(lo, hi, bits)
+    return (round_to_grid(gy, scale, zero_point, bits, noise) - zero_point) * scale
+
+
+@fused
+def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample and channel (B, C): sum, min and max over the spatial positions."""
+    xv = x_hat.reshape(x_hat.shape[0], x_hat.shape[1], -1)
+    return xv.sum(-1), xv.amin(-1), xv.amax(-1)
+
+
+def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
+              spec: RangeSpec) -> tuple[Tensor, ...]:
+    """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, per sample its
+    chunk's max, min and c(n_k) / K, and the (K, B) chunk membership."""
+    member = torch.repeat_interleave(
+        torch.eye(len(sizes), device=smax.device, dtype=smax.dtype),
+        torch.tensor(sizes, device=smax.device), dim=1)  # (K, B) one-hot chunk membership
+    inside = member.bool().unsqueeze(-1)
+    cmax = torch.where(inside, smax, -torch.inf).amax(1)  # (K, C)
+    cmin = torch.where(inside, smin, torch.inf).amin(1)
+    coef = torch.tensor([range_scale(k * spatial, spec.rule) / len(sizes) for k in sizes],
+                        device=smax.device, dtype=smax.dtype)
+    sigma = ((cmax - cmin) * coef[:, None]).sum(0)
+    return sigma, member.T @ cmax, member.T @ cmin, member.T @ coef, member
+
+
+def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
+    """Range BN's per-channel estimate of the standard deviation of x (B, C, ...)."""
     B, C = x.shape[:2]
-    xv = x.reshape(B, C, -1)
-    chunk_of = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)
-    is_max = xv == cmax[chunk_of].unsqueeze(-1)
-    is_min = xv == cmin[chunk_of].unsqueeze(-1)
-    n_max = torch.segment_reduce(is_max.sum(-1).to(x.dtype), "sum", lengths=lengths, axis=0)
-    n_min = torch.segment_reduce(is_min.sum(-1).to(x.dtype), "sum", lengths=lengths, axis=0)
-    w = grad_sigma * coef[:, None] / len(lengths)  # (K, C): d sigma / d range_k
-    gx = is_max * (w / n_max)[chunk_of].unsqueeze(-1) - is_min * (w / n_min)[chunk_of].unsqueeze(-1)
-    return gx.view_as(x)
+    spatial = x.numel() // (B * C)
+    _, smin, smax = _sample_stats(x)
+    sizes = chunk_sizes(B, spatial, chunks)
+    return range_std(smin, smax, sizes, spatial, RangeSpec(chunks, rule, 0.0))[0]
+
+
+@fused
+def _grad_sums(src, scale, zero_point, gy, g_lo, g_hi, bits, noise, mean, S, t_max,  # noqa: ANN001
+               t_min) -> tuple[Tensor, ...]:  # noqa: ANN001
+    """Per sample and channel: sum of g, of g * x_tilde, and the number of values equal to
+    the chunk's max and min (ties share the range's gradient)."""
+    B, C = gy.shape[:2]
+    x_hat = _load(src, scale, zero_point).reshape(B, C, -1)
+    g = _quantized_grad(gy, g_lo, g_hi, bits, noise).reshape(B, C, -1)
+    x_tilde = (x_hat - mean.view(1, -1, 1)) / S.view(1, -1, 1)
+    return (g.sum(-1), (g * x_tilde).sum(-1), (x_hat == t_max.unsqueeze(-1)).sum(-1),
+            (x_hat == t_min.unsqueeze(-1)).sum(-1))
+
+
+@fused
+def _grad_input(src, scale, zero_point, gy, g_lo, g_hi, bits, noise, a, g_mean,  # noqa: ANN001
+                t_max, t_min, w_max, w_min) -> Tensor:  # noqa: ANN001
+    """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min."""
+    B, C = gy.shape[:2]
+    x_hat = _load(src, scale, zero_point).reshape(B, C, -1)
+    g = _quantized_grad(gy, g_lo, g_hi, bits, noise).reshape(B, C, -1)
+    gx = (g - g_mean.view(1, -1, 1)) * a.view(1, -1, 1)
+    gx = gx + (x_hat == t_max.unsqueeze(-1)) * w_max.unsqueeze(-1)
+    gx = gx - (x_hat == t_min.unsqueeze(-1)) * w_min.unsqueeze(-1)
+    return gx.view(gy.shape)
+
+
+@fused
+def _affine(x_hat: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    shape = [1, -1] + [1] * (x_hat.dim() - 2)
+    return x_hat * a.view(shape) + b.view(shape)
 
 
 class RangeBNFn(torch.autograd.Function):
@@ -107,41 +154,48 @@ class RangeBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum,  # noqa: ANN001, ANN205
-                act_bits, grad: GradSpec, spec: RangeSpec):
+                act_bits, grad: GradSpec, spec: RangeSpec):  # noqa: ANN001
         x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
-        dims = [0] + list(range(2, x.dim()))
-        mean = x_hat.mean(dims)
-        sigma, saved_range = range_std(x_hat, spec)
+        B, C = x.shape[:2]
+        spatial = x.numel() // (B * C)
+        ssum, smin, smax = _sample_stats(x_hat)
+        mean = ssum.sum(0) / (B * spatial)
+        sizes = chunk_sizes(B, spatial, spec.chunks)
+        sigma, t_max, t_min, coef, member = range_std(smin, smax, sizes, spatial, spec)
         S = torch.sqrt(sigma * sigma + spec.eps)
         if running_mean is not None:
             running_mean.lerp_(mean, momentum)
             running_var.lerp_(sigma * sigma, momentum)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        a = (weight / S) if weight is not None else 1 / S
+        gamma = weight if weight is not None else torch.ones_like(S)
+        a = gamma / S
         b = -mean * a + (bias if bias is not None else 0)
-        y = torch.addcmul(b.view(shape), x_hat, a.view(shape))
-        ctx.grad, ctx.n_x, ctx.shape, ctx.dims = grad, len(saved_x), shape, dims
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(*saved_x, mean, sigma, S, weight, *saved_range)
+        y = _affine(x_hat, a, b)
+        ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
+        if len(saved_x) == 1:
+            saved_x = (saved_x[0], None, None)
+        ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, t_max, t_min, coef, member)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        saved = ctx.saved_tensors
-        x_hat = restore_input(saved[: ctx.n_x])
-        mean, sigma, S, weight = saved[ctx.n_x : ctx.n_x + 4]
-        saved_range = saved[ctx.n_x + 4 :]
-        shape, dims = ctx.shape, ctx.dims
-        g = quantize_grad(gy, ctx.grad)[0]
-        x_tilde = (x_hat - mean.view(shape)) / S.view(shape)
-        g_beta = g.sum(dims)
-        g_gamma = (g * x_tilde).sum(dims)
-        gamma = weight if weight is not None else torch.ones_like(S)
-        n = x_hat.numel() // x_hat.shape[1]
-        # x_tilde = (x - mean) / S: the mean's gradient centres g; S's goes through the range.
-        gx = (g - (g_beta / n).view(shape)) * (gamma / S).view(shape)
-        grad_sigma = -gamma * g_gamma / S * (sigma / S)  # dL/dS * dS/dsigma
-        gx = gx + range_std_backward(x_hat, grad_sigma, saved_range)
+        src, scale, zero_point, mean, sigma, S, gamma, t_max, t_min, coef, member = (
+            ctx.saved_tensors)
+        gy = gy.contiguous()
+        B, C = gy.shape[:2]
+        n = gy.numel() // C
+        bits = ctx.grad.bits
+        g_lo, g_hi = torch.aminmax(gy) if bits is not None else (None, None)
+        noise = rounding_noise(gy, ctx.grad.rounding) if bits is not None else None
+        q = (src, scale, zero_point, gy, g_lo, g_hi, bits, noise)
+        s_g, s_gx, n_max, n_min = _grad_sums(*q, mean, S, t_max, t_min)
+        g_beta, g_gamma = s_g.sum(0), s_gx.sum(0)
+        # x_tilde = (x - mean) / S, S = sqrt(sigma^2 + eps), sigma = sum_k c_k range_k / K:
+        # the mean's gradient centres g; S's flows to each chunk's max and min.
+        grad_sigma = -gamma * g_gamma / S * (sigma / S)  # (C,)
+        w = grad_sigma * coef[:, None]  # (B, C): dL/d(range of the sample's chunk)
+        w_max = w / (member.T @ (member @ n_max.to(w.dtype)))  # ties counted per chunk
+        w_min = w / (member.T @ (member @ n_min.to(w.dtype)))
+        gx = _grad_input(*q, gamma / S, g_beta / n, t_max, t_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None)
 
@@ -151,7 +205,7 @@ class QuantBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum, eps,  # noqa: ANN001, ANN205
-                act_bits, grad: GradSpec):
+                act_bits, grad: GradSpec):  # noqa: ANN001
         x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x_hat, weight, bias, running_mean, running_var, True, momentum, eps)

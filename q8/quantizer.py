@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from q8.compile import compile_enabled, fused
+
 
 class QTensor(NamedTuple):
     """Integer codes plus the (scale, zero point) that map them back to real values."""
@@ -26,7 +28,7 @@ class QTensor(NamedTuple):
     zero_point: Tensor  # float, integer-valued, broadcastable to codes
 
     def dequantize(self) -> Tensor:
-        return (self.codes.float() - self.zero_point) * self.scale
+        return dequantize(self.codes, self.scale, self.zero_point)
 
 
 def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -57,6 +59,65 @@ def aminmax(x: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
     return lo.view(shape), hi.view(shape)
 
 
+def uniform_hash(like: Tensor, seed: Tensor) -> Tensor:
+    """U[0, 1) noise shaped like `like` from a counter-based hash (lowbias32) of the element
+    index and `seed`: a compiler fuses it into the quantizer, where torch.rand is its own pass."""
+    h = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    h = (h + seed) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
+    h = ((h ^ (h >> 15)) * 0x846CA68B) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> 8).to(like.dtype) * (1.0 / (1 << 24))
+
+
+def round_to_grid(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+                  noise: Tensor | None) -> Tensor:
+    """The integer code q of x (as float): nearest if noise is None, else stochastic with
+    noise = U[0,1) samples, or an int64 seed for uniform_hash."""
+    y = x / scale
+    if noise is None:
+        y = torch.round(y)
+    else:
+        u = uniform_hash(y, noise) if noise.dtype == torch.int64 else noise
+        y = torch.floor(y + u)
+    return torch.clamp(y + zero_point, 0, 2**bits - 1)
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.int32
+
+
+@fused
+def quantize_codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """Nearest rounding over [lo, hi]: (codes, x_hat, scale, zero_point) in one pass."""
+    scale, zero_point = qparams(lo, hi, bits)
+    q = round_to_grid(x, scale, zero_point, bits, None)
+    return q.to(code_dtype(bits)), (q - zero_point) * scale, scale, zero_point
+
+
+@fused
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
+               noise: Tensor | None = None) -> Tensor:
+    """x_hat = (q - z) * s for given (scale, zero point)."""
+    return (round_to_grid(x, scale, zero_point, bits, noise) - zero_point) * scale
+
+
+@fused
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return (codes.float() - zero_point) * scale
+
+
+def rounding_noise(x: Tensor, rounding: str,
+                   generator: torch.Generator | None = None) -> Tensor | None:
+    """What round_to_grid needs for `rounding`: None, U[0,1) samples (eager) or a hash seed
+    (fused kernels); both drawn from `generator` (default: torch's), so seeding reproduces."""
+    if rounding == "nearest":
+        return None
+    if compile_enabled():
+        return torch.randint(0, 2**62, (), generator=generator, device=x.device)
+    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 def quantize(
     x: Tensor,
     bits: int,
@@ -64,18 +125,9 @@ def quantize(
     zero_point: Tensor,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
-) -> tuple[QTensor, Tensor]:
-    """Quantize x with the given (scale, zero point); returns the codes and x_hat."""
-    y = x / scale
-    if rounding == "stochastic":
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=y.dtype)
-        y = torch.floor(y.add_(u))
-    else:
-        y = torch.round(y)
-    q = y.add_(zero_point).clamp_(0, 2**bits - 1)
-    codes = q.to(torch.uint8 if bits <= 8 else torch.int32)
-    x_hat = q.sub_(zero_point).mul_(scale)
-    return QTensor(codes, scale, zero_point), x_hat
+) -> Tensor:
+    """x quantized with the given (scale, zero point) and dequantized: x_hat."""
+    return fake_quant(x, scale, zero_point, bits, rounding_noise(x, rounding, generator))
 
 
 def fake_quantize_values(
@@ -87,7 +139,7 @@ def fake_quantize_values(
 ) -> Tensor:
     """x quantized over its own [min, max] and dequantized; no autograd (see fake_quantize)."""
     scale, zero_point = qparams(*aminmax(x, dim), bits)
-    return quantize(x, bits, scale, zero_point, rounding, generator)[1]
+    return quantize(x, bits, scale, zero_point, rounding, generator)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q8 import QuantBatchNorm2d, QuantConfig, RangeBatchNorm2d, d2
-from q8.norm import MIN_CHUNK_VALUES, RangeSpec, chunk_sizes, range_scale, range_std
+from q8.norm import MIN_CHUNK_VALUES, chunk_sizes, estimate_std, range_scale
 
 FP = dict(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
 
@@ -37,7 +37,7 @@ def test_sigma_estimate_is_unbiased_for_every_n(shape):
     mean = torch.randn(C, generator=g) * 10
     sigma = torch.rand(C, generator=g) * 5 + 0.1
     x = torch.randn(shape, generator=g) * sigma.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)
-    est, _ = range_std(x, RangeSpec(chunks=16, rule="exact", eps=0.0))
+    est = estimate_std(x, chunks=16, rule="exact")
     assert (est / sigma).mean().item() == pytest.approx(1.0, abs=0.02)
 
 

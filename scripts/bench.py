@@ -1,0 +1,197 @@
+"""Training-step benchmark: q8 presets against fp32, in one process, on the same model and input.
+
+    python scripts/bench.py                                  # resnet18, 32x32, batch 128, CPU
+    python scripts/bench.py --model resnet50 --batch 256 --presets fp32,q8_bifurcated,q8
+    python scripts/bench.py --device cuda --image-size 224   # on a GPU
+
+Per preset: median step time (forward, backward, SGD step) and its ratio to fp32, images/s,
+bytes autograd saves for backward (each storage once; parameters, alive anyway, not counted)
+and its ratio to fp32, and peak memory (CUDA peak allocated, or peak RSS growth on the CPU).
+Steps of all presets are interleaved, so a busy machine slows every preset alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import q8  # noqa: E402
+
+
+def load_preset(name: str) -> q8.QuantConfig:
+    """A quant preset from conf/quant/<name>.yaml (the same files train.py uses)."""
+    path = ROOT / "conf" / "quant" / f"{name}.yaml"
+    if not path.exists():
+        names = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"bench: unknown preset {name!r}; valid presets: {', '.join(names)}")
+    d = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return q8.QuantConfig.from_dict(d)
+
+
+def build(model_name: str, config: q8.QuantConfig, num_classes: int, device: str) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, num_classes=num_classes)
+    return q8.quantize_model(model, config).to(device).train()
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+class PeakRSS:
+    """Peak resident memory growth over a block, sampled every millisecond (CPU)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--presets", default="fp32,q8_bifurcated")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per preset")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (and compilation)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="q8's fused kernels (torch.compile); auto = where a compiler exists")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    if args.compile != "auto":
+        q8.set_compile(args.compile == "on")
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    if "fp32" not in names:
+        names.insert(0, "fp32")
+    configs = {n: load_preset(n) for n in names}
+    dev = args.device
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(dev)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(dev)
+    models = {n: build(args.model, c, args.num_classes, dev) for n, c in configs.items()}
+    opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in models.items()}
+
+    def step(name: str) -> float:
+        m, opt = models[name], opts[name]
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    results: dict[str, dict] = {n: {"preset": n, "config": configs[n].short_str()} for n in names}
+    for n in names:  # memory first, one preset at a time, before the timing warms caches
+        r = results[n]
+        r["saved_bytes"] = saved_bytes(models[n], x, y)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(n)
+            r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        else:
+            with PeakRSS() as rss:
+                step(n)
+            r["peak_bytes"] = rss.growth
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.warmup + args.steps):
+        for n in names:  # interleaved
+            t = step(n)
+            if i >= args.warmup:
+                times[n].append(t)
+            print(f"\r{'warm-up' if i < args.warmup else 'timing'} {i + 1}/"
+                  f"{args.warmup + args.steps} {n:>20s} {t * 1e3:8.1f} ms", end="", flush=True,
+                  file=sys.stderr)
+    print(file=sys.stderr)
+
+    base = results["fp32"]
+    for n in names:
+        r = results[n]
+        r["step_ms"] = statistics.median(times[n]) * 1e3
+        r["images_per_s"] = args.batch / (r["step_ms"] / 1e3)
+    for n in names:
+        r = results[n]
+        r["step_ratio"] = r["step_ms"] / base["step_ms"]
+        r["saved_ratio"] = r["saved_bytes"] / base["saved_bytes"]
+        r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+
+    threads = torch.get_num_threads()
+    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {threads} threads"
+    header = (f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} on {where}, "
+              f"median of {args.steps} steps, q8 compile={'on' if q8.compile_enabled() else 'off'}")
+    print(header)
+    cols = ["preset", "step ms", "x fp32", "img/s", "saved MiB", "x fp32", "peak MiB", "x fp32"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for n in names:
+        r = results[n]
+        peak = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "-"
+        print(f"| {n} | {r['step_ms']:.1f} | {r['step_ratio']:.2f} | {r['images_per_s']:.0f} | "
+              f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_ratio']:.3f} | "
+              f"{r['peak_bytes'] / 2**20:.1f} | {peak} |")
+    out = {"header": header, "args": vars(args), "torch": torch.__version__,
+           "results": list(results.values())}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
