@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="q8's fused kernels (torch.compile); auto = where a compiler exists")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators of one step per preset")
     args = p.parse_args(argv)
 
     if args.compile != "auto":
@@ -158,6 +160,17 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{args.warmup + args.steps} {n:>20s} {t * 1e3:8.1f} ms", end="", flush=True,
                   file=sys.stderr)
     print(file=sys.stderr)
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        for n in names:
+            with profile(activities=acts) as prof:
+                step(n)
+            key = "cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            print(f"\n== {n}: where one step's time goes")
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
 
     base = results["fp32"]
     for n in names:
