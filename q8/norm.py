@@ -94,8 +94,8 @@ def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
               spec: RangeSpec) -> tuple[Tensor, ...]:
-    """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, per sample its
-    chunk's max, min and c(n_k) / K, and the (K, B) chunk membership."""
+    """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, each chunk's max
+    and min (K, C), c(n_k) / K (K,) and the (K, B) chunk membership."""
     member = torch.repeat_interleave(
         torch.eye(len(sizes), device=smax.device, dtype=smax.dtype),
         torch.tensor(sizes, device=smax.device), dim=1)  # (K, B) one-hot chunk membership
@@ -105,7 +105,7 @@ def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
     coef = torch.tensor([range_scale(k * spatial, spec.rule) / len(sizes) for k in sizes],
                         device=smax.device, dtype=smax.dtype)
     sigma = ((cmax - cmin) * coef[:, None]).sum(0)
-    return sigma, member.T @ cmax, member.T @ cmin, member.T @ coef, member
+    return sigma, cmax, cmin, coef, member
 
 
 def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
@@ -161,7 +161,7 @@ class RangeBNFn(torch.autograd.Function):
         ssum, smin, smax = _sample_stats(x_hat)
         mean = ssum.sum(0) / (B * spatial)
         sizes = chunk_sizes(B, spatial, spec.chunks)
-        sigma, t_max, t_min, coef, member = range_std(smin, smax, sizes, spatial, spec)
+        sigma, cmax, cmin, coef, member = range_std(smin, smax, sizes, spatial, spec)
         S = torch.sqrt(sigma * sigma + spec.eps)
         if running_mean is not None:
             running_mean.lerp_(mean, momentum)
@@ -173,13 +173,14 @@ class RangeBNFn(torch.autograd.Function):
         ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
         if len(saved_x) == 1:
             saved_x = (saved_x[0], None, None)
-        ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, t_max, t_min, coef, member)
+        ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, cmax, cmin, coef, member)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        src, scale, zero_point, mean, sigma, S, gamma, t_max, t_min, coef, member = (
+        src, scale, zero_point, mean, sigma, S, gamma, cmax, cmin, coef, member = (
             ctx.saved_tensors)
+        t_max, t_min = member.T @ cmax, member.T @ cmin  # (B, C): each sample's chunk extremes
         gy = gy.contiguous()
         B, C = gy.shape[:2]
         n = gy.numel() // C
@@ -192,7 +193,7 @@ class RangeBNFn(torch.autograd.Function):
         # x_tilde = (x - mean) / S, S = sqrt(sigma^2 + eps), sigma = sum_k c_k range_k / K:
         # the mean's gradient centres g; S's flows to each chunk's max and min.
         grad_sigma = -gamma * g_gamma / S * (sigma / S)  # (C,)
-        w = grad_sigma * coef[:, None]  # (B, C): dL/d(range of the sample's chunk)
+        w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / (member.T @ (member @ n_max.to(w.dtype)))  # ties counted per chunk
         w_min = w / (member.T @ (member @ n_min.to(w.dtype)))
         gx = _grad_input(*q, gamma / S, g_beta / n, t_max, t_min, w_max, w_min)
