@@ -3,8 +3,9 @@
 Eager PyTorch runs each of quantize's steps (divide, round, shift, clamp, cast, rescale) as its
 own pass over memory; compiled, a quantizer is one pass. `fused(fn)` compiles `fn` on first
 use when compilation is on and falls back to eager for good (with one warning) if no compiler
-works here. On by default where it can work (CUDA, or a C++ compiler on the CPU); turn it off
-with Q8_COMPILE=0 or `q8.set_compile(False)`.
+works here. On by default on CUDA (Triton); on the CPU compiling every layer shape costs
+about 90 s at start-up, so it is opt-in there: Q8_COMPILE=1 or `q8.set_compile(True)`
+(Q8_COMPILE=0 turns it off everywhere).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 
@@ -35,7 +35,7 @@ def compile_enabled() -> bool:
         return False
     if env in ("1", "true", "yes", "on"):
         return True
-    return torch.cuda.is_available() or shutil.which(os.environ.get("CXX", "g++")) is not None
+    return torch.cuda.is_available()
 
 
 def _python_dispatch_active() -> bool:
@@ -65,6 +65,9 @@ def fused(fn: Callable) -> Callable:
         except Exception as e:
             if "worked" not in compiled:  # never compiled here (no compiler?): eager for good
                 compiled["broken"] = True
+            if "warned" in compiled:
+                return fn(*args, **kwargs)
+            compiled["warned"] = True
             warnings.warn(f"q8: torch.compile failed for {fn.__name__} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}); using eager kernels",
                           stacklevel=2)

@@ -6,8 +6,9 @@ and checks in its constructor that its files exist, so a wrong path fails before
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -82,7 +83,8 @@ class DigitsDataModule(_ClassificationDataModule):
     """scikit-learn's 1,797 bundled 8x8 handwritten digits, upsampled; never downloads.
 
     The stratified train/val/test split depends only on `split_seed`, so runs with different
-    training seeds are evaluated on the same test images.
+    training seeds are evaluated on the same test images. Training batches get a random small
+    rotation, scaling and shift (`augment`), the classic remedy for a small digits set.
     """
 
     num_classes = 10
@@ -95,11 +97,17 @@ class DigitsDataModule(_ClassificationDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        augment: bool = True,
+        max_rotation: float = 10.0,
+        max_shift: float = 0.1,
+        max_scale: float = 0.1,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         _check_positive(image_size=image_size)
+        self.augment = augment
+        self.affine = (max_rotation, max_shift, max_scale)
         if not (
             0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1
         ):
@@ -126,6 +134,33 @@ class DigitsDataModule(_ClassificationDataModule):
         self.train_set = TensorDataset(x[train], y[train])
         self.val_set = TensorDataset(x[val], y[val])
         self.test_set = TensorDataset(x[test], y[test])
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augment and self.trainer is not None and self.trainer.training:
+            x, y = batch
+            return random_affine(x, *self.affine), y
+        return batch
+
+
+def random_affine(
+    x: torch.Tensor, max_rotation: float, max_shift: float, max_scale: float
+) -> torch.Tensor:
+    """Rotate by up to `max_rotation` degrees, shift by up to `max_shift` of the side and scale
+    by up to 1 +- `max_scale`, independently per image (on the batch's device)."""
+    n = x.shape[0]
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, device=x.device) * 2 - 1
+
+    angle = uniform(n) * math.radians(max_rotation)
+    zoom = 1 + uniform(n) * max_scale
+    shift = uniform(n, 2) * max_shift * 2  # affine_grid's coordinates span [-1, 1]
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class CIFARDataModule(_ClassificationDataModule):

@@ -1,0 +1,18 @@
+"""Lightning callbacks of the q8 application, configured in conf/callbacks/.
+
+The standard ones (checkpointing, progress) come from Lightning; q8-specific callbacks
+(per-layer quantization error and gradient statistics) live in this package.
+"""
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {"QuantStatsCallback": "callbacks.quant_stats"}  # imported on use: Lightning is slow
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real Hydra configuration, composed and shrunk to a few CPU steps."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+# Eager kernels in tests: compiling every test's shapes costs minutes; the fused kernels have
+# their own equivalence tests (tests/test_q8_compile.py).
+os.environ.setdefault("Q8_COMPILE", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# A run of a few steps: tiny images and batches, no progress bar, CSV logs.
+TINY = [
+    "logger=csv",
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
+]
+TINY_DIGITS = ["data.image_size=16", "data.batch_size=16"]
+
+
+def compose_config(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """conf/train.yaml with `overrides`, set up as Hydra would for a run in `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]  # as in a real run, the job's config has no `hydra` node
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """A factory: tiny_config(*overrides, run_dir=...) -> the shrunk, composed config."""
+
+    def make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        data = [] if any(o.startswith("data=") for o in overrides) else TINY_DIGITS
+        return compose_config([*TINY, *data, *overrides], output_dir=run_dir or tmp_path / "run")
+
+    yield make
+    GlobalHydra.instance().clear()

@@ -1,0 +1,289 @@
+"""Train a timm model with q8's 8-bit training, configured by Hydra (conf/train.yaml).
+
+    python train.py                                   # ResNet-18, q8_bifurcated, digits
+    python train.py model=resnet50 quant=fp32 data=cifar10 trainer=gpu
+    python train.py -m quant=fp32,q8_bifurcated seed=1,2,3
+
+Configuration mistakes (unknown preset, invalid bits, missing data) exit with code 2 and one
+line on stderr; `verbose=true` or HYDRA_FULL_ERROR=1 shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from q8.config import QuantConfig
+from q8.lit.errors import UsageError
+
+# Lightning, timm and wandb take seconds to import: they are imported once the configuration
+# is known to be valid, so that mistakes are reported at once.
+
+log = logging.getLogger("train")
+
+
+def build_quant_config(node: DictConfig) -> QuantConfig:
+    try:
+        return QuantConfig.from_dict(OmegaConf.to_container(node, resolve=True))
+    except ValueError as ex:
+        raise UsageError(f"quant: {ex}") from ex
+
+
+def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, with errors turned into one-line UsageErrors."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as ex:
+        if isinstance(ex.__cause__, UsageError):
+            raise ex.__cause__ from None
+        cause = ex.__cause__ or ex
+        raise UsageError(f"cannot build {what}: {type(cause).__name__}: {cause}") from ex
+
+
+def instantiate_group(node: DictConfig | None, what: str) -> list[Any]:
+    """Every `_target_` entry of a group such as `callbacks` or `logger`."""
+    if not node:
+        return []
+    return [
+        instantiate(sub, f"{what}.{key}")
+        for key, sub in node.items()
+        if isinstance(sub, DictConfig) and "_target_" in sub
+    ]
+
+
+def create_loggers(node: DictConfig | None) -> list[Any]:
+    from q8.lit.wandb_mode import choose_wandb_mode, fall_back_to_offline
+
+    uses_wandb = node and any("Wandb" in str(sub.get("_target_", "")) for sub in node.values())
+    if not uses_wandb:
+        return instantiate_group(node, "logger")
+    choose_wandb_mode()
+    os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
+    loggers = instantiate_group(node, "logger")
+    try:
+        for logger in loggers:
+            logger.experiment  # noqa: B018  (starts the W&B run now, not mid-training)
+    except Exception as ex:  # wandb raises many types; none of them should stop training
+        if os.environ.get("WANDB_MODE") == "offline":
+            raise
+        fall_back_to_offline(ex)
+        loggers = instantiate_group(node, "logger")
+    return loggers
+
+
+def resolve_checkpoint(path: str | None, output_dir: Path) -> str | None:
+    """`last` means <run dir>/checkpoints/last.ckpt; a missing file is an error now, not later."""
+    if path is None:
+        return None
+    resolved = output_dir / "checkpoints" / "last.ckpt" if path == "last" else Path(path)
+    if not resolved.is_file():
+        hint = (
+            "resume in the old run directory with hydra.run.dir=<that run dir>"
+            if path == "last"
+            else "pass the path of a .ckpt file"
+        )
+        raise UsageError(f"ckpt_path={path}: {resolved} does not exist; {hint}")
+    return str(resolved)
+
+
+def check_checkpoint_matches(path: str, expected: dict[str, Any]) -> None:
+    """Refuse, before training, a checkpoint of another model or quant preset."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as ex:
+        reason = str(ex).splitlines()[0][:160] if str(ex) else type(ex).__name__
+        raise UsageError(f"cannot read checkpoint ckpt_path={path}: {reason}") from ex
+    saved = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt:
+        raise UsageError(f"ckpt_path={path} is not a Lightning checkpoint of this application")
+    for key, value in expected.items():
+        if key in saved and saved[key] != value:
+            raise UsageError(
+                f"checkpoint {path} is incompatible with this run: it was trained with "
+                f"{key}={saved[key]}, this run has {key}={value}"
+            )
+
+
+def set_q8_compile(choice: Any, on_cuda: bool) -> None:
+    """`auto` compiles q8's kernels on CUDA only; true/false force it (q8.set_compile)."""
+    import q8
+
+    if hasattr(q8, "set_compile"):
+        q8.set_compile(on_cuda if choice == "auto" else choice)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test the best checkpoint, write <run dir>/metrics.json; return the metrics."""
+    start = time.time()
+    # Validate everything that is cheap to check before importing Lightning, loading data or
+    # building the model: interpolations and ??? values, the quant preset, paths.
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    quant = build_quant_config(cfg.quant)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if cfg.get("q8_compile", "auto") not in ("auto", True, False):
+        raise UsageError(
+            f"q8_compile={cfg.q8_compile!r} is invalid: valid choices are auto, true, false"
+        )
+
+    import lightning as L
+    import torch
+
+    from q8.lit import ClassifierModule, check_model_name
+
+    check_model_name(cfg.model.name)
+    datamodule = instantiate(cfg.data, "data")
+    model_args: dict[str, Any] = {
+        "model_name": cfg.model.name,
+        "num_classes": datamodule.num_classes,
+        "in_chans": datamodule.in_chans,
+        "small_input": cfg.model.small_input,
+        "quant": {**quant.to_dict(), "skip": list(quant.skip)},
+    }
+    if ckpt_path:
+        check_checkpoint_matches(ckpt_path, model_args)
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(cfg.seed, workers=True)
+    module = ClassifierModule(
+        **{**model_args, "quant": quant},
+        model_kwargs=resolved["model"]["kwargs"],
+        optimizer=resolved["optimizer"],
+        scheduler=resolved["scheduler"],
+    )
+
+    callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    loggers = create_loggers(cfg.get("logger"))
+    trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    set_q8_compile(
+        cfg.get("q8_compile", "auto"), on_cuda=trainer.strategy.root_device.type == "cuda"
+    )
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+
+    def pick(name: str) -> float | None:
+        return fit_metrics.get(f"{name}_epoch", fit_metrics.get(name))
+
+    metrics: dict[str, Any] = {
+        "train/loss": pick("train/loss"),
+        "train/acc": pick("train/acc"),
+        "val/loss": pick("val/loss"),
+        "val/acc": pick("val/acc"),
+        "val/acc_best": float(checkpoint.best_model_score)
+        if checkpoint is not None and checkpoint.best_model_score is not None
+        else None,
+        "test/loss": test_metrics.get("test/loss"),
+        "test/acc": test_metrics.get("test/acc"),
+        "accuracy_unit": "fraction",
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "start_step": module.start_step,
+        "wall_time_s": round(time.time() - start, 2),
+        "quant": cfg.get("quant_name"),
+        "quant_label": quant.short_str(),
+        "quant_config": {**quant.to_dict(), "skip": list(quant.skip)},
+        "model": cfg.model.name,
+        "data": _choice("data"),
+        "experiment": cfg.get("experiment_name"),
+        "seed": cfg.seed,
+        "tested_checkpoint": best or None,
+        "run_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / "metrics.json"
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics written to {path}")
+    finish_loggers(loggers, metrics)
+    return metrics
+
+
+def finish_loggers(loggers: list[Any], metrics: dict[str, Any]) -> None:
+    """Put the final metrics in each W&B run's summary and close the run (its files complete)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            logger.experiment.summary.update({f"final/{k}": v for k, v in summary.items()})
+            logger.experiment.finish()
+
+
+def _choice(group: str) -> str | None:
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+_VERBOSE = False  # set by cli(): show tracebacks of configuration errors
+
+
+def exit_with(ex: BaseException) -> None:
+    print(f"error: {one_line(ex)}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg).get("test/acc")  # the value a Hydra sweeper maximises
+    except (UsageError, OmegaConfBaseException) as ex:
+        if _VERBOSE or cfg.get("verbose"):
+            raise
+        exit_with(ex)  # here, not in cli(): Hydra would first print the job's overrides
+
+
+def one_line(ex: BaseException) -> str:
+    """A configuration error as one line, naming the key or value and the valid choices."""
+    if isinstance(ex, MissingConfigException) and ex.missing_cfg_file and ex.options:
+        group, _, name = ex.missing_cfg_file.rpartition("/")
+        return f"unknown {group} {name!r}: valid choices are {', '.join(sorted(ex.options))}"
+    text = str(ex)
+    cause = ex.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).splitlines()[0] not in text:
+        text += f": {cause}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not re.match(r"(full_key|object_type|Set the environment)", ln)]
+    return " ".join(lines)
+
+
+def cli() -> None:
+    """Run main(); configuration errors become one line on stderr and exit code 2."""
+    global _VERBOSE
+    _VERBOSE = os.environ.get("HYDRA_FULL_ERROR") == "1" or any(
+        re.fullmatch(r"\+{0,2}verbose=(true|True|1|yes)", a) for a in sys.argv[1:]
+    )
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's exit(1)
+    try:
+        main()
+    except (UsageError, HydraException, OmegaConfBaseException) as ex:
+        if _VERBOSE:
+            raise
+        exit_with(ex)
+
+
+if __name__ == "__main__":
+    cli()
