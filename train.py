@@ -142,8 +142,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning as L
     import torch
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from q8.lit import ClassifierModule, check_model_name
+    from q8.lit.checkpoint import AtomicCheckpointIO
 
     check_model_name(cfg.model.name)
     datamodule = instantiate(cfg.data, "data")
@@ -169,14 +171,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = create_loggers(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    plugins = [AtomicCheckpointIO()] if not cfg.trainer.get("plugins") else None
+    extra = {"plugins": plugins} if plugins else {}
+    trainer = instantiate(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra
+    )
     set_q8_compile(
         cfg.get("q8_compile", "auto"), on_cuda=trainer.strategy.root_device.type == "cuda"
     )
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # ResumableCheckpoint saved last.ckpt; 128 + SIGTERM, as a shell reports a kill
+        print(f"stopped by a signal; resume with ckpt_path=last hydra.run.dir={output_dir}")
+        sys.exit(143)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback

@@ -25,6 +25,24 @@ def _quantize_model(model: torch.nn.Module, config: QuantConfig) -> torch.nn.Mod
     return quantize_model(model, config)
 
 
+def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = state
+    return {
+        "name": str(name),
+        "keys": torch.from_numpy(keys.astype("int64")),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+def _numpy_state_from_plain(state: Mapping[str, Any]) -> tuple:
+    import numpy as np
+
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["pos"], state["has_gauss"], state["gauss"])
+
+
 class ClassifierModule(L.LightningModule):
     """Image classifier on a timm backbone; master weights and optimizer stay fp32.
 
@@ -90,6 +108,35 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.start_step = self.global_step  # > 0 when resumed from a checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the RNG states (stochastic rounding, augmentation) for an identical resume."""
+        import random
+
+        import numpy as np
+
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            # plain types and tensors only: loadable by torch.load(weights_only=True)
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+
+        states = checkpoint.get("rng_states")
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        np.random.set_state(_numpy_state_from_plain(states["numpy"]))
+        random.setstate(states["python"])
+        cuda = states.get("cuda")
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
