@@ -22,7 +22,15 @@ class ActRangeMixin:
 
     Buffers `act_range` = [lo, hi] and `act_range_steps` go into the state dict; a state dict
     without them (e.g. an fp32 checkpoint) still loads: the range is then learnt afresh.
+    Twins built directly take the original's arguments plus `q8_config`.
     """
+
+    def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._q8_setup(q8_config or QuantConfig())
+
+    def _q8_setup(self, config: QuantConfig) -> None:
+        self._q8_init_range(config)
 
     def _q8_init_range(self, config: QuantConfig) -> None:
         self.q8_config = config
@@ -75,10 +83,6 @@ class QuantLayerMixin(ActRangeMixin):
     """Shared by the conv and linear twins: quantized input, weight and bifurcated gradients."""
 
     twin_prefix = "Quant"
-
-    def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._q8_setup(q8_config or QuantConfig())
 
     def _q8_setup(self, config: QuantConfig) -> None:
         self._q8_init_range(config)

@@ -233,10 +233,6 @@ class QuantNormMixin(ActRangeMixin):
     twin_prefix = "Quant"
     q8_norm = "batchnorm"
 
-    def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._q8_setup(q8_config or QuantConfig())
-
     def _q8_setup(self, config: QuantConfig) -> None:
         self._q8_init_range(config)
         # BN's output gradient is one 8-bit copy: bifurcation concerns the conv/linear GEMMs.

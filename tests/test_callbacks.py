@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,14 +17,6 @@ from callbacks.quant_stats import QuantStatsCallback
 from q8 import QuantConfig, quantize_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -149,12 +139,12 @@ def _csv_rows(tmp_path: Path) -> list[dict]:
     return pd.read_csv(tmp_path / "csv" / "metrics.csv").to_dict("records")
 
 
-def test_keys_reach_the_wandb_offline_run_files(tmp_path):
+def test_keys_reach_the_wandb_offline_run_files(tmp_path, load_script):
     fit_tiny(tmp_path, QuantConfig(), [QuantStatsCallback(log_every_n_steps=2,
                                                           histogram_every_n_steps=2)])
     files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    run = _load_script("compare_runs").read_wandb_file(files[0])
+    run = load_script("compare_runs").read_wandb_file(files[0])
     rows = [r for r in run["history"] if "quant/conv1/grad_sqnr_db" in r]
     assert [r["trainer/global_step"] for r in rows] == [0, 2]  # logging steps only
     row = rows[-1]
@@ -236,13 +226,13 @@ def test_config_file_builds_the_callback():
 
 @pytest.mark.slow
 def test_the_app_logs_per_layer_keys_and_compare_runs_reads_them(tiny_config, tmp_path,
-                                                                capsys):
+                                                                capsys, load_script):
     from train import train
 
     run_dir = tmp_path / "run"
     train(tiny_config("logger=wandb", "callbacks=[model_checkpoint,q8_stats]",
                       "callbacks.q8_stats.log_every_n_steps=1", run_dir=run_dir))
-    cr = _load_script("compare_runs")
+    cr = load_script("compare_runs")
     (run,) = cr.load_local(run_dir)
     assert run.preset == "q8_bifurcated" and run.config[cr.LAYERS_KEY][0] == "conv1"
     assert {"quant/layer1.0.conv1/grad_sqnr_db", "quant/fc/wgrad_cosine",

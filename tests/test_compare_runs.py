@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("conv1", "layer1.0.conv1", "fc")
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(autouse=True)
@@ -65,8 +55,8 @@ def runs_root(tmp_path_factory):
     return root
 
 
-def test_offline_run_file_reads_back_every_row(runs_root):
-    cr = _load_script("compare_runs")
+def test_offline_run_file_reads_back_every_row(runs_root, load_script):
+    cr = load_script("compare_runs")
     (path,) = runs_root.glob("q8_s0/wandb/offline-run-*/run-*.wandb")
     assert path.stat().st_size > 32768  # records cross a block boundary
     data = cr.read_wandb_file(path)
@@ -77,8 +67,8 @@ def test_offline_run_file_reads_back_every_row(runs_root):
     assert data["summary"]["quant/fc/grad_sqnr_db"] == 42.0
 
 
-def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys):
-    cr = _load_script("compare_runs")
+def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys, load_script):
+    cr = load_script("compare_runs")
     out = tmp_path / "cmp"
     assert cr.main([str(runs_root / "q8_s0"), str(runs_root / "q8_s1"),
                     str(runs_root / "fp32_s0"), "--out", str(out)]) == 0
@@ -103,8 +93,8 @@ def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys):
     assert list(sqnr["mean"]) == [90.0, 91.0, 92.0]
 
 
-def test_csv_only_runs_are_read(tmp_path, capsys):
-    cr = _load_script("compare_runs")
+def test_csv_only_runs_are_read(tmp_path, capsys, load_script):
+    cr = load_script("compare_runs")
     for seed in (0, 1):
         run = tmp_path / f"csv_s{seed}"
         (run / "csv").mkdir(parents=True)
@@ -120,8 +110,8 @@ def test_csv_only_runs_are_read(tmp_path, capsys):
     assert (tmp_path / "out" / "layers.csv").is_file()
 
 
-def test_dashboard_dry_run_prints_the_panels(capsys):
-    dash = _load_script("dashboard")
+def test_dashboard_dry_run_prints_the_panels(capsys, load_script):
+    dash = load_script("dashboard")
     assert dash.main(["my-team/q8", "--dry-run", "--layers", "conv1", "fc"]) == 0
     text = capsys.readouterr().out
     for expected in ("my-team/q8", "val/acc", "train/loss", "quant_name",
