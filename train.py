@@ -144,6 +144,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from callbacks.nan_guard import NonFiniteError
     from q8.lit import ClassifierModule, check_model_name
     from q8.lit.checkpoint import AtomicCheckpointIO
 
@@ -188,6 +189,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # ResumableCheckpoint saved last.ckpt; 128 + SIGTERM, as a shell reports a kill
         print(f"stopped by a signal; resume with ckpt_path=last hydra.run.dir={output_dir}")
         sys.exit(143)
+    except NonFiniteError as ex:  # the NanGuard callback's verdict: one line, no traceback
+        print(f"error: {ex}", file=sys.stderr)
+        sys.exit(1)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback

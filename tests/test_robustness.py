@@ -95,3 +95,105 @@ def test_atomic_checkpoint_io_replaces_the_file(tmp_path: Path) -> None:
     io.save_checkpoint({"a": torch.zeros(2)}, path)
     assert torch.load(path, weights_only=True)["a"].sum() == 0
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+
+# ---------------------------------------------------------------- non-finite values
+
+
+def _tiny_run(action, poison, tmp_path):
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks.nan_guard import NanGuard
+    from q8 import QuantConfig, quantize_model
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = quantize_model(nn.Sequential(
+                nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                nn.Linear(4 * 6 * 6, 3)), QuantConfig())
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 1:
+                poison(self.net)
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)))
+    guard = NanGuard(action)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, callbacks=[guard],
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    model = Net()
+    trainer.fit(model, DataLoader(data, batch_size=16))
+    return model, guard
+
+
+def _inf_weight(net):
+    import torch
+
+    with torch.no_grad():
+        net[4].weight[0, 0] = float("inf")
+
+
+def test_non_finite_weight_stops_naming_the_layer(tmp_path):
+    from callbacks.nan_guard import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"net\.4\.weight: weights"):
+        _tiny_run("stop", _inf_weight, tmp_path)
+
+
+def test_non_finite_activation_is_traced_to_its_layer(tmp_path):
+    from callbacks.nan_guard import NonFiniteError
+
+    def nan_into_relu(net):  # NaN activations enter net.2 from now on
+        net[2].register_forward_pre_hook(lambda m, args: (args[0] * float("nan"),))
+
+    with pytest.raises(NonFiniteError, match=r"net\.2: activations"):
+        _tiny_run("stop", nan_into_relu, tmp_path)
+
+
+def test_non_finite_bn_parameter_is_named(tmp_path):
+    import torch
+
+    from callbacks.nan_guard import NonFiniteError
+
+    def nan_bn_bias(net):  # a NaN bias in BN: the next layers see NaN activations
+        with torch.no_grad():
+            net[1].bias[0] = float("nan")
+
+    with pytest.raises(NonFiniteError, match=r"net\.1\.bias: weights"):
+        _tiny_run("stop", nan_bn_bias, tmp_path)
+
+
+def test_skip_action_drops_bad_steps_and_keeps_weights_finite(tmp_path):
+    import torch
+
+    calls = []
+
+    def nan_grad_once(net):
+        calls.append(1)
+        if len(calls) == 1:  # a NaN input batch on one step only: gradients go NaN
+            net[0].register_forward_pre_hook(
+                lambda m, args: (args[0] * float("nan"),) if len(calls) == 1 else None)
+
+    model, guard = _tiny_run("skip", nan_grad_once, tmp_path)
+    assert guard.skipped >= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_guard_rejects_unknown_action():
+    from callbacks.nan_guard import NanGuard
+
+    with pytest.raises(ValueError, match="stop, skip"):
+        NanGuard("ignore")
