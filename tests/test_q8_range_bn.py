@@ -169,3 +169,10 @@ def test_quantized_batchnorm_gradients_are_8_bit_noisy_but_unbiased():
     assert not torch.equal(draws[0], xr.grad)  # quantized...
     err = (draws.mean(0) - xr.grad).pow(2).mean() / (draws[0] - xr.grad).pow(2).mean()
     assert err < 3 / 200  # ...and the error of the mean shrinks like 1/N (unbiased)
+
+
+def test_estimator_table_script_runs(load_script):
+    text = load_script("range_bn_table").main(["--values", "100000", "--out", "-"])
+    rows = [r for r in text.splitlines() if r.startswith("| 16 |")]
+    exact = float(rows[0].split("|")[2].split("±")[0])
+    assert exact == pytest.approx(1.0, abs=0.05)  # 4096 channels of n=16: sd 0.218/64 = 0.003
