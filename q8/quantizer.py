@@ -130,22 +130,11 @@ def quantize(
     return fake_quant(x, scale, zero_point, bits, rounding_noise(x, rounding, generator))
 
 
-def fake_quantize_values(
-    x: Tensor,
-    bits: int,
-    rounding: str = "nearest",
-    dim: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """x quantized over its own [min, max] and dequantized; no autograd (see fake_quantize)."""
-    scale, zero_point = qparams(*aminmax(x, dim), bits)
-    return quantize(x, bits, scale, zero_point, rounding, generator)
-
-
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bits, rounding, dim, generator):  # noqa: ANN001, ANN205
-        return fake_quantize_values(x, bits, rounding, dim, generator)
+        scale, zero_point = qparams(*aminmax(x, dim), bits)  # over x's own [min, max]
+        return quantize(x, bits, scale, zero_point, rounding, generator)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
