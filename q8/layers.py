@@ -8,6 +8,8 @@ standardisation) and its own Linear keep their behaviour, quantized around it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -113,8 +115,8 @@ class QuantLayerMixin(ActRangeMixin):
                 x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
                               total[0] // 2, total[0] - total[0] // 2))
                 padding = (0, 0)
-        spec = LayerSpec(**{**self.q8_spec.__dict__, "stride": _pair(stride),
-                            "padding": _pair(padding), "dilation": dilation, "groups": groups})
+        spec = dataclasses.replace(self.q8_spec, stride=_pair(stride), padding=_pair(padding),
+                                   dilation=dilation, groups=groups)
         return self._q8_apply(x, weight, bias, spec)
 
 
