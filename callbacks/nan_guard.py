@@ -79,7 +79,8 @@ class NanGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if all(torch.isfinite(g).all() for g in grads):
+        # one device-to-host sync per step, not one per parameter: amax propagates NaN and inf
+        if not grads or torch.isfinite(torch.stack([g.abs().amax() for g in grads])).all():
             return
         # the likeliest root cause first: a weight, then the forward, then the backward
         where = first_non_finite(pl_module, "weights")
