@@ -3,7 +3,7 @@
 from q8.compile import compile_enabled, set_compile
 from q8.config import QuantConfig
 from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
-from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2
+from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2, set_range_bn_sync
 from q8.quantizer import fake_quantize
 from q8.transform import QuantReport, quantize_model
 
@@ -21,4 +21,5 @@ __all__ = [
     "fake_quantize",
     "quantize_model",
     "set_compile",
+    "set_range_bn_sync",
 ]

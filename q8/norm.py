@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from q8.compile import fused
@@ -154,7 +155,7 @@ class RangeBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum,  # noqa: ANN001, ANN205
-                act_bits, grad: GradSpec, spec: RangeSpec):  # noqa: ANN001
+                act_bits, grad: GradSpec, spec: RangeSpec, group=None):  # noqa: ANN001
         x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
         B, C = x.shape[:2]
         spatial = x.numel() // (B * C)
@@ -162,6 +163,9 @@ class RangeBNFn(torch.autograd.Function):
         mean = ssum.sum(0) / (B * spatial)
         sizes = chunk_sizes(B, spatial, spec.chunks)
         sigma, cmax, cmin, coef, member = range_std(smin, smax, sizes, spatial, spec)
+        if group is not None:  # the mean over every rank's values and chunks
+            mean, sigma, coef = _all_reduce_stats(group, ssum.sum(0), B * spatial, sigma,
+                                                  coef)
         S = torch.sqrt(sigma * sigma + spec.eps)
         if running_mean is not None:
             running_mean.lerp_(mean, momentum)
@@ -171,6 +175,7 @@ class RangeBNFn(torch.autograd.Function):
         b = -mean * a + (bias if bias is not None else 0)
         y = _affine(x_hat, a, b)
         ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
+        ctx.group = group
         if len(saved_x) == 1:
             saved_x = (saved_x[0], None, None)
         ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, cmax, cmin, coef, member)
@@ -190,15 +195,33 @@ class RangeBNFn(torch.autograd.Function):
         q = (src, scale, zero_point, gy, g_lo, g_hi, bits, noise)
         s_g, s_gx, n_max, n_min = _grad_sums(*q, mean, S, t_max, t_min)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0)
+        sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
+        if ctx.group is not None:
+            sums = torch.cat([g_beta, g_gamma, g_beta.new_tensor([n])])
+            dist.all_reduce(sums, group=ctx.group)
+            sum_g, sum_gx, n = sums[:C], sums[C : 2 * C], sums[-1]
         # x_tilde = (x - mean) / S, S = sqrt(sigma^2 + eps), sigma = sum_k c_k range_k / K:
         # the mean's gradient centres g; S's flows to each chunk's max and min.
-        grad_sigma = -gamma * g_gamma / S * (sigma / S)  # (C,)
+        grad_sigma = -gamma * sum_gx / S * (sigma / S)  # (C,)
         w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / (member.T @ (member @ n_max.to(w.dtype)))  # ties counted per chunk
         w_min = w / (member.T @ (member @ n_min.to(w.dtype)))
-        gx = _grad_input(*q, gamma / S, g_beta / n, t_max, t_min, w_max, w_min)
+        gx = _grad_input(*q, gamma / S, sum_g / n, t_max, t_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
+
+
+def _all_reduce_stats(group, value_sum: Tensor, count: int, sigma: Tensor,  # noqa: ANN001
+                      coef: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Synchronised Range BN: the mean over all ranks' values and sigma_hat as the mean of
+    c(n_k) * range_k over all ranks' chunks (one all-reduce). Returns mean, sigma and the
+    chunks' coefficients rescaled from 1/K to 1/K_total, for backward."""
+    k = len(coef)
+    stats = torch.cat([value_sum, sigma * k, value_sum.new_tensor([count, k])])
+    dist.all_reduce(stats, group=group)
+    C = value_sum.numel()
+    total_count, total_k = stats[-2], stats[-1]
+    return stats[:C] / total_count, stats[C : 2 * C] / total_k, coef * (k / total_k)
 
 
 class QuantBNFn(torch.autograd.Function):
@@ -264,7 +287,7 @@ class QuantNormMixin(ActRangeMixin):
         m = self._q8_momentum() if self.training and self.track_running_stats else 0.0
         if self.q8_norm == "range":
             return RangeBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, cfg.act_bits, self.q8_grad,
-                                   self.q8_range)
+                                   self.q8_range, self._q8_sync_group())
         return QuantBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, self.eps, cfg.act_bits,
                                self.q8_grad)
 
@@ -292,6 +315,26 @@ class RangeNormMixin(QuantNormMixin):
 
     twin_prefix = "Range"
     q8_norm = "range"
+    q8_sync: object = None  # None: per-replica statistics; "world" or a process group: synced
+
+    def _q8_sync_group(self):  # noqa: ANN202
+        """The process group to all-reduce batch statistics over, or None (one process)."""
+        if self.q8_sync is None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.q8_sync == "world" else self.q8_sync
+        return group if dist.get_world_size(group) > 1 else None
+
+
+def set_range_bn_sync(model: nn.Module, group: object = "world", enabled: bool = True) -> int:
+    """Synchronise every Range BN layer of `model` across the ranks of `group` (default: all
+    ranks; `enabled=False`: back to per-replica statistics, like BN under DDP). Synced layers
+    all-reduce the batch mean, the chunks' scaled ranges and, in backward, the two gradient
+    sums: the result equals Range BN over the global batch split into all ranks' chunks.
+    Activation ranges stay per replica. Returns the number of layers changed."""
+    layers = [m for m in model.modules() if isinstance(m, RangeNormMixin)]
+    for m in layers:
+        m.q8_sync = (group if group is not None else "world") if enabled else None
+    return len(layers)
 
 
 class RangeBatchNorm2d(RangeNormMixin, nn.BatchNorm2d):

@@ -176,3 +176,52 @@ def test_estimator_table_script_runs(load_script):
     rows = [r for r in text.splitlines() if r.startswith("| 16 |")]
     exact = float(rows[0].split("|")[2].split("±")[0])
     assert exact == pytest.approx(1.0, abs=0.05)  # 4096 channels of n=16: sd 0.218/64 = 0.003
+
+
+def _synced_rank(rank: int, world: int, init: str, x, weights, out) -> None:  # noqa: ANN001
+    """One rank of test_synced_range_bn_equals_range_bn_of_the_global_batch."""
+    import torch.distributed as dist
+
+    from q8 import set_range_bn_sync
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        bn = RangeBatchNorm2d(6, q8_config=QuantConfig(**FP, bn="range", range_bn_chunks=4))
+        assert set_range_bn_sync(bn) == 1
+        part = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        xr = x[part].clone().requires_grad_()
+        y = bn(xr)
+        (y * weights[part]).sum().backward()
+        out[rank] = (y.detach(), xr.grad, bn.weight.grad, bn.running_var.clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_synced_range_bn_equals_range_bn_of_the_global_batch(tmp_path):
+    """Two gloo ranks with half the batch each, synced, compute what one process computes on
+    the whole batch with twice the chunks: the same output, input gradient and running
+    statistics; the ranks' gamma gradients sum to the global one (DDP then averages them)."""
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, 4, 4, generator=g) * 3 + 1
+    x[3, :, 1, 2] = 40.0  # an outlier: one chunk's max, on rank 0
+    weights = torch.randn(x.shape, generator=g)
+    world = 2
+    out = mp.Manager().dict()
+    mp.spawn(_synced_rank, args=(world, f"file://{tmp_path}/rendezvous", x, weights, out),
+             nprocs=world)
+
+    bn = RangeBatchNorm2d(6, q8_config=QuantConfig(**FP, bn="range", range_bn_chunks=8))
+    xg = x.clone().requires_grad_()
+    y = bn(xg)
+    (y * weights).sum().backward()
+    tol = dict(rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    torch.testing.assert_close(torch.cat([out[r][0] for r in range(world)]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([out[r][1] for r in range(world)]), xg.grad, **tol)
+    torch.testing.assert_close(out[0][2] + out[1][2], bn.weight.grad, **tol)
+    for r in range(world):
+        torch.testing.assert_close(out[r][3], bn.running_var, **tol)
+    # and per-replica statistics (the default) differ: rank 0 holds the outlier
+    local = RangeBatchNorm2d(6, q8_config=QuantConfig(**FP, bn="range", range_bn_chunks=4))
+    assert not torch.allclose(local(x[:8]), y.detach()[:8], **tol)
