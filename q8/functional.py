@@ -44,7 +44,7 @@ def _grad_pair(g: Tensor, bits: int | None, wbits: int | None,
         if b is None:
             return g
         scale, zero_point = qparams(lo, hi, b)
-        return (round_to_grid(g, scale, zero_point, b, noise) - zero_point) * scale
+        return round_to_grid(g, scale, zero_point, b, noise).sub_(zero_point).mul_(scale)
 
     g_data = q(bits)
     return g_data, (g_data if wbits == bits else q(wbits))

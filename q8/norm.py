@@ -25,7 +25,7 @@ from q8.compile import fused
 from q8.config import QuantConfig
 from q8.functional import GradSpec, quantize_grad, quantize_input, restore_input
 from q8.layers import _TWINS, ActRangeMixin
-from q8.quantizer import fake_quantize, qparams, round_to_grid, rounding_noise
+from q8.quantizer import dequantize, fake_quantize
 
 
 @functools.lru_cache(maxsize=4096)
@@ -75,22 +75,14 @@ class RangeSpec:
 
 def _load(src: Tensor, scale: Tensor | None, zero_point: Tensor | None) -> Tensor:
     """x_hat from its 8-bit codes (scale given) or x itself (fp32 input)."""
-    return src if scale is None else (src.float() - zero_point) * scale
-
-
-def _quantized_grad(gy: Tensor, lo: Tensor, hi: Tensor, bits: int | None,
-                    noise: Tensor | None) -> Tensor:
-    if bits is None:
-        return gy
-    scale, zero_point = qparams(lo, hi, bits)
-    return (round_to_grid(gy, scale, zero_point, bits, noise) - zero_point) * scale
+    return src if scale is None else dequantize(src, scale, zero_point)
 
 
 @fused
 def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per sample and channel (B, C): sum, min and max over the spatial positions."""
     xv = x_hat.reshape(x_hat.shape[0], x_hat.shape[1], -1)
-    return xv.sum(-1), xv.amin(-1), xv.amax(-1)
+    return (xv.sum(-1), *torch.aminmax(xv, dim=-1))
 
 
 def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
@@ -119,35 +111,34 @@ def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
 
 
 @fused
-def _grad_sums(src, scale, zero_point, gy, g_lo, g_hi, bits, noise, mean, S, t_max,  # noqa: ANN001
-               t_min) -> tuple[Tensor, ...]:  # noqa: ANN001
-    """Per sample and channel: sum of g, of g * x_tilde, and the number of values equal to
-    the chunk's max and min (ties share the range's gradient)."""
-    B, C = gy.shape[:2]
-    x_hat = _load(src, scale, zero_point).reshape(B, C, -1)
-    g = _quantized_grad(gy, g_lo, g_hi, bits, noise).reshape(B, C, -1)
-    x_tilde = (x_hat - mean.view(1, -1, 1)) / S.view(1, -1, 1)
-    return (g.sum(-1), (g * x_tilde).sum(-1), (x_hat == t_max.unsqueeze(-1)).sum(-1),
-            (x_hat == t_min.unsqueeze(-1)).sum(-1))
+def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, t_max: Tensor,
+               t_min: Tensor) -> tuple[Tensor, ...]:
+    """Per sample and channel (B, C): sum of g, of g * (x_hat - mean), and the number of values
+    equal to the chunk's max and min (ties share the range's gradient)."""
+    B, C = g.shape[:2]
+    xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
+    centred = xv - mean.view(1, -1, 1)
+    g_x = torch.matmul(gv.unsqueeze(-2), centred.unsqueeze(-1)).view(B, C)  # batched dots
+    return (gv.sum(-1), g_x, (xv == t_max.unsqueeze(-1)).sum(-1),
+            (xv == t_min.unsqueeze(-1)).sum(-1))
 
 
 @fused
-def _grad_input(src, scale, zero_point, gy, g_lo, g_hi, bits, noise, a, g_mean,  # noqa: ANN001
-                t_max, t_min, w_max, w_min) -> Tensor:  # noqa: ANN001
+def _grad_input(x_hat: Tensor, g: Tensor, a: Tensor, g_mean: Tensor, t_max: Tensor,  # noqa: PLR0913
+                t_min: Tensor, w_max: Tensor, w_min: Tensor) -> Tensor:
     """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min."""
-    B, C = gy.shape[:2]
-    x_hat = _load(src, scale, zero_point).reshape(B, C, -1)
-    g = _quantized_grad(gy, g_lo, g_hi, bits, noise).reshape(B, C, -1)
-    gx = (g - g_mean.view(1, -1, 1)) * a.view(1, -1, 1)
-    gx = gx + (x_hat == t_max.unsqueeze(-1)) * w_max.unsqueeze(-1)
-    gx = gx - (x_hat == t_min.unsqueeze(-1)) * w_min.unsqueeze(-1)
-    return gx.view(gy.shape)
+    B, C = g.shape[:2]
+    xv = x_hat.reshape(B, C, -1)
+    gx = (g.reshape(B, C, -1) - g_mean.view(1, -1, 1)).mul_(a.view(1, -1, 1))
+    gx.add_((xv == t_max.unsqueeze(-1)) * w_max.unsqueeze(-1))
+    gx.sub_((xv == t_min.unsqueeze(-1)) * w_min.unsqueeze(-1))
+    return gx.view(g.shape)
 
 
 @fused
 def _affine(x_hat: Tensor, a: Tensor, b: Tensor) -> Tensor:
     shape = [1, -1] + [1] * (x_hat.dim() - 2)
-    return x_hat * a.view(shape) + b.view(shape)
+    return torch.addcmul(b.view(shape), x_hat, a.view(shape))
 
 
 class RangeBNFn(torch.autograd.Function):
@@ -189,12 +180,10 @@ class RangeBNFn(torch.autograd.Function):
         gy = gy.contiguous()
         B, C = gy.shape[:2]
         n = gy.numel() // C
-        bits = ctx.grad.bits
-        g_lo, g_hi = torch.aminmax(gy) if bits is not None else (None, None)
-        noise = rounding_noise(gy, ctx.grad.rounding) if bits is not None else None
-        q = (src, scale, zero_point, gy, g_lo, g_hi, bits, noise)
-        s_g, s_gx, n_max, n_min = _grad_sums(*q, mean, S, t_max, t_min)
-        g_beta, g_gamma = s_g.sum(0), s_gx.sum(0)
+        x_hat = _load(src, scale, zero_point)
+        g = quantize_grad(gy, ctx.grad)[0]
+        s_g, s_gx, n_max, n_min = _grad_sums(x_hat, g, mean, t_max, t_min)
+        g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
             sums = torch.cat([g_beta, g_gamma, g_beta.new_tensor([n])])
@@ -206,7 +195,7 @@ class RangeBNFn(torch.autograd.Function):
         w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / (member.T @ (member @ n_max.to(w.dtype)))  # ties counted per chunk
         w_min = w / (member.T @ (member @ n_min.to(w.dtype)))
-        gx = _grad_input(*q, gamma / S, sum_g / n, t_max, t_min, w_max, w_min)
+        gx = _grad_input(x_hat, g, gamma / S, sum_g / n, t_max, t_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 

@@ -74,13 +74,14 @@ def round_to_grid(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
                   noise: Tensor | None) -> Tensor:
     """The integer code q of x (as float): nearest if noise is None, else stochastic with
     noise = U[0,1) samples, or an int64 seed for uniform_hash."""
+    # One new tensor, then in place: eager PyTorch on a CPU pays a page fault per 4 KiB of
+    # every fresh activation-sized buffer, more than the arithmetic (compiled: the same graph).
     y = x / scale
     if noise is None:
-        y = torch.round(y)
+        y.round_()
     else:
-        u = uniform_hash(y, noise) if noise.dtype == torch.int64 else noise
-        y = torch.floor(y + u)
-    return torch.clamp(y + zero_point, 0, 2**bits - 1)
+        y.add_(uniform_hash(y, noise) if noise.dtype == torch.int64 else noise).floor_()
+    return y.add_(zero_point).clamp_(0, 2**bits - 1)
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -92,19 +93,19 @@ def quantize_codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor
     """Nearest rounding over [lo, hi]: (codes, x_hat, scale, zero_point) in one pass."""
     scale, zero_point = qparams(lo, hi, bits)
     q = round_to_grid(x, scale, zero_point, bits, None)
-    return q.to(code_dtype(bits)), (q - zero_point) * scale, scale, zero_point
+    return q.to(code_dtype(bits)), q.sub_(zero_point).mul_(scale), scale, zero_point
 
 
 @fused
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
                noise: Tensor | None = None) -> Tensor:
     """x_hat = (q - z) * s for given (scale, zero point)."""
-    return (round_to_grid(x, scale, zero_point, bits, noise) - zero_point) * scale
+    return round_to_grid(x, scale, zero_point, bits, noise).sub_(zero_point).mul_(scale)
 
 
 @fused
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    return (codes.float() - zero_point) * scale
+    return codes.float().sub_(zero_point).mul_(scale)
 
 
 def rounding_noise(x: Tensor, rounding: str,
