@@ -1,26 +1,37 @@
-# q8 training image: `docker build -t q8 .` then
-#   docker run --gpus all -v $PWD/outputs:/workspace/outputs -v /data:/data -e Q8_DATA_DIR=/data \
-#     q8 experiment=imagenet_resnet18
-# Runs as any user (docker run --user $(id -u)): HOME and /workspace are writable by all.
+# q8 training image (README, "GPU and cluster"):
+#   docker build -t q8 .
+#   docker run --gpus all --user "$(id -u):$(id -g)" -v "$PWD/outputs:/workspace/outputs" \
+#       -v /datasets:/data -e Q8_DATA_DIR=/data q8 experiment=imagenet_resnet18
+# Any UID works (docker --user, Apptainer, pyxis): HOME, caches and W&B's directories are under
+# /tmp, and /workspace is writable by everyone. Arguments are Hydra overrides for train.py.
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
+# USER/LOGNAME: getpass.getuser() (torch.compile's cache, W&B) fails for a UID without a passwd
+# entry unless they are set.
 ENV HOME=/tmp \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONUNBUFFERED=1 \
+    USER=q8 \
+    LOGNAME=q8 \
+    XDG_CACHE_HOME=/tmp/.cache \
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_CACHE_DIR=/tmp/.triton \
     MPLCONFIGDIR=/tmp/matplotlib \
     WANDB_CONFIG_DIR=/tmp/wandb-config \
-    WANDB_CACHE_DIR=/tmp/wandb-cache
+    WANDB_CACHE_DIR=/tmp/wandb-cache \
+    WANDB_DATA_DIR=/tmp/wandb-data \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
 
 WORKDIR /workspace
 
-# The same install as `make setup`: the project from pyproject.toml, editable. The base image's
-# torch satisfies torch>=2.3, so pip keeps it (and its CUDA build).
+# The install of `make setup`, which CI runs (.ci/run): the project and its `dev` extra from
+# pyproject.toml, editable (tests/test_distributed.py checks the two commands agree). The base
+# image's torch satisfies torch>=2.3, so pip keeps it and its CUDA build.
 COPY pyproject.toml README.md ./
 COPY q8/ q8/
 COPY callbacks/ callbacks/
-RUN pip install --no-cache-dir -e . && chmod -R a+rwX /workspace
+RUN python -m pip install -e '.[dev]' && chmod -R a+rwX /workspace
 
 COPY . .
 RUN mkdir -p outputs data && chmod -R a+rwX /workspace

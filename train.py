@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from q8.config import QuantConfig
+from q8.lit import launch
 from q8.lit.errors import UsageError
 
 # Lightning, timm and wandb take seconds to import: they are imported once the configuration
@@ -145,7 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from callbacks.nan_guard import NonFiniteError
-    from q8.lit import ClassifierModule, check_model_name
+    from q8.lit import ClassifierModule, check_model_name, distributed
     from q8.lit.checkpoint import AtomicCheckpointIO
 
     check_model_name(cfg.model.name)
@@ -171,8 +172,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
+    callbacks.append(distributed.PerRankRNG())  # independent rounding noise on each rank
     loggers = create_loggers(cfg.get("logger"))
-    plugins = [AtomicCheckpointIO()] if not cfg.trainer.get("plugins") else None
+    plugins = [AtomicCheckpointIO()] if not cfg.trainer.get("plugins") else []
+    if cfg.get("sync_range_bn"):
+        if cfg.trainer.get("plugins"):
+            raise UsageError("sync_range_bn=true adds a plugin: add q8.lit.distributed."
+                             "RangeBNSync to trainer.plugins instead")
+        plugins.append(distributed.RangeBNSync())  # all-reduces Range BN's chunk statistics
     extra = {"plugins": plugins} if plugins else {}
     trainer = instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra
@@ -263,6 +270,7 @@ def exit_with(ex: BaseException) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    launch.close_log_files_off_rank_zero()  # a rank > 0 writes nothing into the run dir
     try:
         return train(cfg).get("test/acc")  # the value a Hydra sweeper maximises
     except (UsageError, OmegaConfBaseException) as ex:
@@ -292,6 +300,8 @@ def cli() -> None:
         re.fullmatch(r"\+{0,2}verbose=(true|True|1|yes)", a) for a in sys.argv[1:]
     )
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's exit(1)
+    # Under torchrun and srun every rank composes the config: one run dir (Q8_RUN_ID) for all
+    sys.argv += launch.launch_overrides(sys.argv[1:])
     try:
         main()
     except (UsageError, HydraException, OmegaConfBaseException) as ex:
