@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from q8.config import QuantConfig
 from q8.lit import launch
 from q8.lit.errors import UsageError
+from q8.lit.validate import check_data_config, check_model_input
 
 # Lightning, timm and wandb take seconds to import: they are imported once the configuration
 # is known to be valid, so that mistakes are reported at once.
@@ -134,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # building the model: interpolations and ??? values, the quant preset, paths.
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     quant = build_quant_config(cfg.quant)
+    check_data_config(resolved["data"])  # sizes in range, before Lightning is imported
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
     if cfg.get("q8_compile", "auto") not in ("auto", True, False):
@@ -170,6 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optimizer=resolved["optimizer"],
         scheduler=resolved["scheduler"],
     )
+    check_model_input(module.model, datamodule)  # the model takes the data's images
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     callbacks.append(distributed.PerRankRNG())  # independent rounding noise on each rank

@@ -161,6 +161,7 @@ def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
         ("quant=nope", r"unknown quant 'nope': valid choices are .*q8_bifurcated"),
         ("quant.grad_bits=0", r"grad_bits=0 is invalid.*2\.\.16"),
         ("model.name=resnt18", r"'resnt18' is not a timm model; did you mean .*resnet18"),
+        ("data.batch_size=0", r"data\.batch_size=0 is invalid: it must be an integer >= 1"),
     ],
 )
 def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> None:
@@ -172,6 +173,23 @@ def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> N
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_batch_the_model_cannot_train_on_fails_before_training(tmp_path: Path) -> None:
+    """ResNet-18 reduces 32x32 digits to 1x1: a batch of one image leaves its last BatchNorm a
+    single value per channel. The model is built and checked, but no data is loaded."""
+    import re
+
+    run_dir = tmp_path / "run"
+    short = ["trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    result = _run_cli("data.batch_size=1", "logger=csv", *short, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert re.search(r"data\.batch_size=1 is too small: BatchNorm layer layer4\.0\.bn1 .*"
+                     r"use data\.batch_size >= 2", errors[0]), errors[0]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "csv").exists()
 
 
 def test_multirun_sweep(tmp_path: Path) -> None:

@@ -1,14 +1,20 @@
-"""Fault tolerance: atomic checkpoint files and a checkpoint on SIGTERM/SIGUSR1.
+"""Fault tolerance: atomic checkpoint files, a checkpoint on SIGTERM/SIGUSR1 and every N steps.
 
 - `AtomicCheckpointIO` writes a checkpoint to a temporary file in the target directory and
   `os.replace()`s it, so a kill never leaves a half-written `last.ckpt`.
 - `ResumableCheckpoint` is Lightning's ModelCheckpoint plus: SIGUSR1 is treated like SIGTERM
   (Lightning's own SIGTERM handling stops the loop after the current batch and raises
-  SIGTERMException), and on that exception `last.ckpt` is saved before the process exits.
+  SIGTERMException), and on that exception `last.ckpt` is saved before the process exits (a
+  signal during validation takes effect when that validation ends: Lightning's resume from
+  inside a validation would skip the rest of it and reshuffle the next epoch differently);
+  `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
+  cannot be caught) loses at most that many steps; the temporary files of a write that a kill
+  interrupted are removed when the next run starts.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import tempfile
@@ -21,6 +27,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+
+def batches_into_epoch(trainer: L.Trainer) -> int | None:
+    """Training batches of the current epoch already stepped on, if a checkpoint saved now falls
+    inside an epoch; None at an epoch's start or end, where a resume starts the next epoch."""
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return done if 0 < done < trainer.num_training_batches else None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -50,12 +63,54 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that saves `last.ckpt` when the run is stopped by SIGTERM or SIGUSR1."""
+    """ModelCheckpoint that saves `last.ckpt` when the run is stopped by SIGTERM or SIGUSR1, and
+    every `last_every_n_train_steps` optimizer steps inside an epoch (0: at epoch ends only)."""
 
-    def __init__(self, *args: Any, save_on_signal: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        save_on_signal: bool = True,
+        last_every_n_train_steps: int = 0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        if isinstance(last_every_n_train_steps, bool) or not (
+            isinstance(last_every_n_train_steps, int) and last_every_n_train_steps >= 0
+        ):
+            raise ValueError(
+                f"last_every_n_train_steps={last_every_n_train_steps!r} is invalid: it must be "
+                "an integer >= 0 (0 = save last.ckpt at epoch ends only)"
+            )
         self.save_on_signal = save_on_signal
+        self.last_every_n_train_steps = last_every_n_train_steps
         self._old_sigusr1: Any = None
+        self._deferred_signal = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            # what AtomicCheckpointIO was writing when a kill stopped it
+            for tmp in glob.glob(os.path.join(self.dirpath, ".*.ckpt.*.tmp")):
+                os.remove(tmp)
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.last_every_n_train_steps
+        # save_last="link" would link last.ckpt to the best checkpoint, not save this state
+        if not (n and self.save_last is True and trainer.global_step % n == 0):
+            return
+        # at an epoch's last batch the epoch-end checkpoint follows; saving here would make
+        # Lightning's resume skip that epoch's validation
+        if self._should_skip_saving_checkpoint(trainer) or batches_into_epoch(trainer) is None:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = trainer._accelerator_connector.cluster_environment
@@ -72,6 +127,25 @@ class ResumableCheckpoint(ModelCheckpoint):
         except ValueError:  # not the main thread
             self._old_sigusr1 = None
 
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.save_on_signal and trainer.received_sigterm and not trainer.sanity_checking:
+            trainer._signal_connector.received_sigterm = False  # Lightning would stop right now
+            self._deferred_signal = True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # the epoch's best and last checkpoints
+        if self._deferred_signal:
+            self._deferred_signal = False
+            trainer._signal_connector.received_sigterm = True  # stop before the next batch
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._old_sigusr1 is not None:
             signal.signal(signal.SIGUSR1, self._old_sigusr1)
@@ -83,9 +157,12 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
         if not (self.save_on_signal and isinstance(exception, SIGTERMException)):
             return
-        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+        if not self.save_last:
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self._last_global_step_saved != trainer.global_step:  # else saved at this very step
+            if self._should_skip_saving_checkpoint(trainer):
+                return
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         rank_zero_info(
             f"Stopped by a signal at step {trainer.global_step}: saved {self.last_model_path}"
         )

@@ -7,6 +7,8 @@ and checks in its constructor that its files exist, so a wrong path fails before
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,15 +16,20 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 
+from q8.lit.checkpoint import batches_into_epoch
 from q8.lit.errors import DatasetNotFoundError, UsageError
+from q8.lit.validate import check_data_config
+
+# Lightning's warning on a mid-epoch resume, false for these data modules (see state_dict)
+_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 def _check_positive(**values: int) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"data.{name}={v!r} is invalid: it must be a positive integer")
+            raise UsageError(f"data.{name}={v!r} is invalid: it must be an integer >= 1")
 
 
 def _split_indices(
@@ -40,34 +47,112 @@ def _split_indices(
     return train, val, test
 
 
+class ResumableSampler(RandomSampler):
+    """torch's RandomSampler (the same order from the same one draw of torch's global RNG per
+    epoch) that can replay an interrupted epoch from its `start`-th sample: a mid-epoch resume."""
+
+    def __init__(self, data_source: Dataset) -> None:
+        super().__init__(data_source)
+        self.epoch_seed: int | None = None  # the seed of the epoch being iterated
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch_seed: int, start: int) -> None:
+        """Make the next iteration that epoch's permutation, without its first `start` samples."""
+        self._resume = (epoch_seed, start)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._resume is None:  # as RandomSampler: a seed from the global RNG at the 1st next()
+            seed, start = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        else:
+            (seed, start), self._resume = self._resume, None
+        self.epoch_seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that can start its next iteration without drawing from the global RNG."""
+
+    keep_rng = False  # set for the iteration that resumes an interrupted epoch
+
+    def __iter__(self) -> Iterator:
+        if not self.keep_rng:
+            return super().__iter__()
+        self.keep_rng = False
+        # The interrupted run drew this epoch's worker base seed from the global RNG before its
+        # checkpoint; drawing it again would shift every later random number (augmentation,
+        # stochastic rounding) by one draw.
+        rng = torch.get_rng_state()
+        try:
+            return super().__iter__()
+        finally:
+            torch.set_rng_state(rng)
+
+
 class _ClassificationDataModule(L.LightningDataModule):
     num_classes: int
     in_chans: int
+    image_size: int  # side of the square training images (q8.lit.validate checks the model)
 
     def __init__(
         self, batch_size: int, num_workers: int = 0, eval_batch_size: int | None = None
     ) -> None:
         super().__init__()
-        _check_positive(batch_size=batch_size)
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
+        check_data_config({**sizes, "num_workers": num_workers})
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume: dict[str, int] | None = None
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "setup() was not called"
-        return DataLoader(
+        sampler = ResumableSampler(dataset) if train else None
+        loader = ResumableDataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
             # BatchNorm (and Range BN) cannot normalise a final batch of one sample
             drop_last=train and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+        if train:
+            if self._resume is not None:
+                sampler.resume(self._resume["epoch_seed"], self._resume["samples_done"])
+                loader.keep_rng = True
+                self._resume = None
+            self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where a checkpoint leaves the current training epoch: its shuffling seed and the
+        samples already trained on; empty at an epoch's end (the next epoch starts afresh).
+
+        Lightning resumes mid-epoch with a fresh permutation otherwise, so a resumed run would
+        train on other batches than the interrupted one.
+        """
+        trainer, loader = self.trainer, self._train_loader
+        if trainer is None or loader is None or not isinstance(loader.sampler, ResumableSampler):
+            return {}
+        done = batches_into_epoch(trainer)
+        # no seed: this loader was not iterated (under DDP Lightning iterates a copy of it with
+        # a DistributedSampler, and resumes as it does for any loader)
+        if done is None or loader.sampler.epoch_seed is None:
+            return {}
+        return {"epoch_seed": loader.sampler.epoch_seed, "samples_done": done * loader.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay the interrupted epoch from where the checkpoint left it (see `state_dict`)."""
+        if state and self.trainer is not None and self.trainer.state.fn == "fit":
+            self._resume = {k: int(state[k]) for k in ("epoch_seed", "samples_done")}
+            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -171,6 +256,7 @@ class CIFARDataModule(_ClassificationDataModule):
     """
 
     _FOLDERS: ClassVar[dict[int, str]] = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
+    image_size = 32
     _STATS: ClassVar[dict[int, tuple[tuple[float, ...], tuple[float, ...]]]] = {
         10: ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
         100: ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -331,6 +417,7 @@ class SyntheticDataModule(_ClassificationDataModule):
         )
         self.num_samples = num_samples
         self.shape = (in_chans, image_size, image_size)
+        self.image_size = image_size
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.seed = seed

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from q8.config import QuantConfig
+from q8.lit.checkpoint import batches_into_epoch
 from q8.lit.errors import UsageError
 from q8.lit.models import create_backbone
 from q8.lit.optim import create_optimizer, create_scheduler
@@ -89,14 +90,19 @@ class ClassifierModule(L.LightningModule):
         if not quant.is_full_precision:
             self.model = _quantize_model(self.model, quant)  # logs what it replaced
         self.start_step = 0
+        self._epoch_sums: dict[str, list[torch.Tensor]] | None = None  # to restore on resume
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the configured label smoothing (NanGuard's re-run uses it too)."""
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = self.loss(logits, y)
         acc = (logits.argmax(dim=1) == y).float().mean()
         on_step = stage == "train"
         sync = stage != "train"
@@ -122,12 +128,16 @@ class ClassifierModule(L.LightningModule):
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        if batches_into_epoch(self.trainer) is not None:
+            checkpoint["epoch_metric_sums"] = self._logged_epoch_sums()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         import random
 
         import numpy as np
 
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            self._epoch_sums = checkpoint.get("epoch_metric_sums")
         states = checkpoint.get("rng_states")
         if not states:
             return
@@ -141,7 +151,41 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        if self._epoch_sums:
+            self._restore_logged_epoch_sums(self._epoch_sums)
+            self._epoch_sums = None
         return loss
+
+    # Lightning does not checkpoint the running sums behind an epoch mean (`train/loss_epoch`),
+    # so after a mid-epoch resume that mean would cover only the resumed part of the epoch.
+    # These two save and restore them; they read Lightning's result collection (internal API):
+    # if it changes, the epoch means of a resumed epoch fall back to the resumed part only.
+
+    def _train_results(self) -> dict[str, Any]:
+        results = getattr(self.trainer.fit_loop.epoch_loop, "_results", None) or {}
+        return {
+            key: m
+            for key, m in results.items()
+            if key.startswith("training_step.")
+            and getattr(m, "is_tensor", False)
+            and m.meta.on_epoch
+            and m.meta.is_mean_reduction
+        }
+
+    def _logged_epoch_sums(self) -> dict[str, list[torch.Tensor]]:
+        return {
+            key: [m.value.detach().cpu().clone(), m.cumulated_batch_size.detach().cpu().clone()]
+            for key, m in self._train_results().items()
+        }
+
+    def _restore_logged_epoch_sums(self, sums: Mapping[str, list[torch.Tensor]]) -> None:
+        """Called right after the resumed epoch's first self.log: value = batch's share only, so
+        saved + value is the sum the uninterrupted run computes, to the last bit."""
+        for key, m in self._train_results().items():
+            if key in sums:
+                value, size = sums[key]
+                m.value = value.to(m.value) + m.value
+                m.cumulated_batch_size = size.to(m.cumulated_batch_size) + m.cumulated_batch_size
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -40,5 +40,8 @@ def choose_wandb_mode() -> str:
 
 def fall_back_to_offline(reason: BaseException) -> None:
     """Called when an online W&B run cannot start: warn and continue offline."""
+    import wandb
+
     log.warning("W&B could not start online (%s); continuing offline: sync the run later", reason)
     os.environ["WANDB_MODE"] = "offline"
+    wandb.teardown()  # wandb keeps the failed settings in a process-wide singleton otherwise

@@ -1,0 +1,88 @@
+"""Checks that a run can work, made before training so that a mistake costs seconds, not a crash
+in the first step: each raises a UsageError naming the key, its value and the valid range.
+
+- `check_data_config(cfg.data)`: sizes in the data config; needs no import of Lightning or torch.
+- `check_model_input(model, datamodule)`: one eval-mode forward of a single blank image, before
+  any data is loaded: the model accepts the data's image size and channels, and no BatchNorm
+  layer would see a single value per channel in training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from q8.lit.errors import UsageError
+
+# data.<key>: the smallest valid value
+_DATA_MINIMA = {"batch_size": 1, "eval_batch_size": 1, "image_size": 1, "num_workers": 0}
+
+
+def check_data_config(data: Mapping[str, Any]) -> None:
+    """Every size in the data config (batch_size, eval_batch_size, image_size, num_workers)
+    is an integer in its valid range; keys a data set does not have are not checked."""
+    for key, low in _DATA_MINIMA.items():
+        if key not in data or (key == "eval_batch_size" and data[key] is None):
+            continue  # not this data set's key, or eval_batch_size = batch_size
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"data.{key}={value!r} is invalid: it must be an integer >= {low}")
+
+
+def check_model_input(model: Any, datamodule: Any) -> None:
+    """Run `model` once on a blank image of the datamodule's `in_chans` x `image_size`^2 (eval
+    mode, no gradient, RNG and buffers untouched): a shape the model cannot take is reported,
+    and so is a BatchNorm whose training batch would hold one value per channel (PyTorch's
+    BatchNorm raises, q8's normalises every value to 0). Data modules without an `image_size`
+    are not checked."""
+    import torch
+    from torch import nn
+
+    from q8 import compile as q8_compile
+
+    size = getattr(datamodule, "image_size", None)
+    chans = getattr(datamodule, "in_chans", None)
+    batch = getattr(datamodule, "batch_size", None)
+    if not (isinstance(size, int) and isinstance(chans, int) and isinstance(batch, int)):
+        return
+    norms: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple) -> None:
+            norms.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(record(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    was_training = model.training
+    compiled = q8_compile._state["enabled"]  # set_compile's setting (no public getter)
+    q8_compile.set_compile(False)  # compiling kernels for one CPU forward would take minutes
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            model(torch.zeros(1, chans, size, size))
+    except Exception as ex:  # timm's models raise many types for a shape they cannot take
+        reason = str(ex).splitlines()[0][:200] if str(ex) else type(ex).__name__
+        raise UsageError(
+            f"the model cannot take the data's images (data.image_size={size}, {chans} "
+            f"channels): {type(ex).__name__}: {reason}; use an image size the model accepts"
+        ) from ex
+    finally:
+        q8_compile.set_compile(compiled)
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    for name, shape in norms.items():
+        per_image = math.prod(shape[2:])  # values per channel of one image at this layer
+        if batch * per_image < 2:
+            raise UsageError(
+                f"data.batch_size={batch} is too small: BatchNorm layer {name} would normalise "
+                f"a single value per channel in training ({batch} image(s) x a "
+                f"{'x'.join(map(str, shape[2:])) or '1'} feature map at "
+                f"data.image_size={size}); use data.batch_size >= {math.ceil(2 / per_image)}"
+            )
