@@ -1,0 +1,49 @@
+"""Fidelity (issue 8): the fast subset of scripts/reproduce.py trains fp32 and q8_bifurcated
+for real and checks parity loosely; the report is built from the runs' own files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+
+def test_fast_reproduction_trains_both_and_checks_parity(tmp_path: Path) -> None:
+    """--fast: fp32 and q8_bifurcated, seed 0, 3 epochs of the digits_parity recipe (about a
+    minute each here). Both must learn (chance is 10%) and stay within reproduce.py's bound."""
+    out = tmp_path / "reproduce"
+    proc = subprocess.run(
+        [sys.executable, "scripts/reproduce.py", "--fast", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "Q8_COMPILE": "0"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ("fp32", "q8_bifurcated"):
+        metrics = json.loads((out / name / "seed0" / "metrics.json").read_text())
+        assert metrics["epochs"] == 3 and metrics["seed"] == 0
+        assert metrics["test/acc"] > 0.8, (name, metrics["test/acc"])
+    assert "parity: q8_bifurcated - fp32 =" in proc.stdout
+    report = (out / "RESULTS.md").read_text()
+    assert "python scripts/reproduce.py --fast --out" in report  # the command that made it
+    assert "| `q8_bifurcated` |" in report and "| `fp32` |" in report
+    assert (out / "results" / "bits.png").is_file()
+
+
+def test_report_flags_a_broken_parity_bound(tmp_path: Path, load_script) -> None:
+    """The report and the --fast check read metrics.json: a gap beyond the bound fails."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "runs"
+    for name, acc in (("fp32", 0.99), ("q8_bifurcated", 0.90)):
+        run = out / name / "seed0"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"test/acc": acc, "train/loss": 0.1, "wall_time_s": 60.0}))
+    code = reproduce.main(["--fast", "--report-only", "--out", str(out)])
+    assert code == 1  # 9 points apart, the bound is 5
+    report = (out / "RESULTS.md").read_text()
+    assert "q8_bifurcated − fp32 = -9.00 points" in report and "NOT within" in report
+    assert reproduce.main(["--fast", "--report-only", "--out", str(out), "--bound", "10"]) == 0
