@@ -542,10 +542,11 @@ def test_data_module_refuses_negative_workers() -> None:
 
 @pytest.fixture
 def _wandb_state_reset():
-    yield
     import wandb
 
-    wandb.teardown()  # the W&B singleton keeps its settings between runs of one process
+    wandb.teardown()  # the W&B singleton keeps its settings between runs of one process:
+    yield  # an earlier test's offline session would make this one ignore WANDB_MODE
+    wandb.teardown()
 
 
 @pytest.mark.parametrize("mode", ["online", "bogus"])
