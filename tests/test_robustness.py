@@ -245,6 +245,45 @@ def test_atomic_checkpoint_io_replaces_the_file(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize("with_validation", [True, False])
+def test_last_ckpt_follows_every_epoch_without_a_new_best(tmp_path: Path,
+                                                          with_validation: bool) -> None:
+    """Lightning >= 2.5 rewrites last.ckpt only with a new best checkpoint; a monitored value
+    that never improves would leave it at epoch 0. ResumableCheckpoint keeps it current."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from q8.lit.checkpoint import ResumableCheckpoint
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN202
+            loss = self.lin(batch[0]).pow(2).mean()
+            self.log("score", 1.0, on_epoch=True, on_step=False)  # never improves
+            return loss
+
+        def validation_step(self, batch, batch_idx):  # noqa: ANN001, ANN202
+            self.log("score", 1.0)
+
+        def configure_optimizers(self):  # noqa: ANN202
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    ckpt = ResumableCheckpoint(dirpath=tmp_path, monitor="score", mode="max", save_last=True,
+                               filename="best")
+    trainer = L.Trainer(max_epochs=3, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=1.0 if with_validation else 0)
+    trainer.fit(Net(), loader, loader if with_validation else None)
+    best = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 2  # the first epoch: later epochs tie, never improve
+    assert last["global_step"] == trainer.global_step == 6
+
+
 # ---------------------------------------------------------------- non-finite values
 
 
@@ -455,6 +494,9 @@ def test_2000_q8_bifurcated_steps_on_digits_stay_finite_and_learn(tmp_path: Path
         ({"batch_size": 8, "image_size": -8}, r"data\.image_size=-8 is invalid: .* >= 1"),
         ({"batch_size": 8, "image_size": 0}, r"data\.image_size=0 is invalid"),
         ({"batch_size": 8, "num_workers": -1}, r"data\.num_workers=-1 is invalid: .* >= 0"),
+        ({"num_samples": 0}, r"data\.num_samples=0 is invalid: .* >= 1"),
+        ({"in_chans": 0}, r"data\.in_chans=0 is invalid"),
+        ({"num_classes": 2.0}, r"data\.num_classes=2\.0 is invalid"),
     ],
 )
 def test_data_sizes_out_of_range_are_refused(data: dict, message: str) -> None:
@@ -568,3 +610,16 @@ def test_wandb_misconfiguration_falls_back_to_offline(
     assert metrics["global_step"] == 2
     assert any("continuing offline" in r.getMessage() for r in caplog.records)
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"num_samples": 0}, {"in_chans": 0}, {"image_size": -1}])
+def test_data_modules_refuse_sizes_out_of_range(kwargs: dict) -> None:
+    """Built directly (not through train.py), the data modules run the same check."""
+    from q8.lit.data import DigitsDataModule, SyntheticDataModule
+    from q8.lit.errors import UsageError
+
+    with pytest.raises(UsageError, match=rf"data\.{next(iter(kwargs))}=-?\d+ is invalid"):
+        SyntheticDataModule(**kwargs)
+    if "image_size" in kwargs:
+        with pytest.raises(UsageError, match=r"data\.image_size=-1 is invalid"):
+            DigitsDataModule(**kwargs)

@@ -9,7 +9,9 @@
   inside a validation would skip the rest of it and reshuffle the next epoch differently);
   `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
   cannot be caught) loses at most that many steps; the temporary files of a write that a kill
-  interrupted are removed when the next run starts.
+  interrupted are removed when the next run starts. `last.ckpt` is written at the end of
+  every epoch: Lightning >= 2.5 writes it only when the best checkpoint changed, which left it
+  epochs behind the run.
 """
 
 from __future__ import annotations
@@ -140,11 +142,24 @@ class ResumableCheckpoint(ModelCheckpoint):
             trainer._signal_connector.received_sigterm = False  # Lightning would stop right now
             self._deferred_signal = True
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # the epoch's best and last checkpoints
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
         if self._deferred_signal:
             self._deferred_signal = False
             trainer._signal_connector.received_sigterm = True  # stop before the next batch
+
+    def _save_last_if_behind(self, trainer: L.Trainer) -> None:
+        """Save last.ckpt unless this step's checkpoints are already written (Lightning saves
+        it along with a new best checkpoint only)."""
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._old_sigusr1 is not None:

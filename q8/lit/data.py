@@ -26,12 +26,6 @@ from q8.lit.validate import check_data_config
 _NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
-def _check_positive(**values: int) -> None:
-    for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UsageError(f"data.{name}={v!r} is invalid: it must be an integer >= 1")
-
-
 def _split_indices(
     labels: np.ndarray, fractions: tuple[float, float], seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,7 +184,7 @@ class DigitsDataModule(_ClassificationDataModule):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
-        _check_positive(image_size=image_size)
+        check_data_config({"image_size": image_size})
         self.augment = augment
         self.affine = (max_rotation, max_shift, max_scale)
         if not (
@@ -345,7 +339,7 @@ class ImageFolderDataModule(_ClassificationDataModule):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
-        _check_positive(image_size=image_size)
+        check_data_config({"image_size": image_size})
         self.root = Path(root)
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
         for split, name in self.dirs.items():
@@ -409,12 +403,8 @@ class SyntheticDataModule(_ClassificationDataModule):
         eval_batch_size: int | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
-        _check_positive(
-            num_samples=num_samples,
-            image_size=image_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-        )
+        check_data_config({"num_samples": num_samples, "image_size": image_size,
+                           "in_chans": in_chans, "num_classes": num_classes})
         self.num_samples = num_samples
         self.shape = (in_chans, image_size, image_size)
         self.image_size = image_size

@@ -16,12 +16,14 @@ from typing import Any
 from q8.lit.errors import UsageError
 
 # data.<key>: the smallest valid value
-_DATA_MINIMA = {"batch_size": 1, "eval_batch_size": 1, "image_size": 1, "num_workers": 0}
+_DATA_MINIMA = {"batch_size": 1, "eval_batch_size": 1, "image_size": 1, "num_workers": 0,
+                "num_samples": 1, "in_chans": 1, "num_classes": 1}  # the last three: synthetic
 
 
 def check_data_config(data: Mapping[str, Any]) -> None:
-    """Every size in the data config (batch_size, eval_batch_size, image_size, num_workers)
-    is an integer in its valid range; keys a data set does not have are not checked."""
+    """Every size in the data config (batch_size, eval_batch_size, image_size, num_workers;
+    synthetic data's num_samples, in_chans, num_classes) is an integer in its valid range; keys
+    a data set does not have are not checked."""
     for key, low in _DATA_MINIMA.items():
         if key not in data or (key == "eval_batch_size" and data[key] is None):
             continue  # not this data set's key, or eval_batch_size = batch_size
