@@ -138,6 +138,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_data_config(resolved["data"])  # sizes in range, before Lightning is imported
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    if cfg.get("test_weights", "best") not in ("best", "final"):
+        raise UsageError(
+            f"test_weights={cfg.test_weights!r} is invalid: valid choices are best, final"
+        )
     if cfg.get("q8_compile", "auto") not in ("auto", True, False):
         raise UsageError(
             f"q8_compile={cfg.q8_compile!r} is invalid: valid choices are auto, true, false"
@@ -206,9 +210,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint = trainer.checkpoint_callback
     best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+    tested = best if cfg.get("test_weights", "best") == "best" else ""  # "": the final weights
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=tested or None)
         test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
 
     def pick(name: str) -> float | None:
@@ -236,7 +241,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data": _choice("data"),
         "experiment": cfg.get("experiment_name"),
         "seed": cfg.seed,
-        "tested_checkpoint": best or None,
+        "tested_checkpoint": (tested or "final weights") if cfg.get("test", True) else None,
         "run_dir": str(output_dir),
     }
     if trainer.is_global_zero:

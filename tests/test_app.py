@@ -105,6 +105,21 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path: Path) -> None
     assert second["global_step"] == 4 and second["epochs"] == 2
 
 
+def test_test_weights_chooses_the_best_checkpoint_or_the_final_weights(
+        tiny_config, tmp_path: Path) -> None:
+    import torch
+
+    best = train(tiny_config("quant=fp32", "trainer.max_epochs=2", run_dir=tmp_path / "best"))
+    assert Path(best["tested_checkpoint"]).name.startswith("best-epoch")
+    final = train(tiny_config("quant=fp32", "trainer.max_epochs=2", "test_weights=final",
+                              run_dir=tmp_path / "final"))
+    assert final["tested_checkpoint"] == "final weights"
+    # last.ckpt holds those final weights, whether or not the last epoch was the best
+    last = torch.load(tmp_path / "final" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert last["global_step"] == final["global_step"] == 4
+
+
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path: Path) -> None:
     from q8.lit import UsageError
 
@@ -162,6 +177,7 @@ def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
         ("quant.grad_bits=0", r"grad_bits=0 is invalid.*2\.\.16"),
         ("model.name=resnt18", r"'resnt18' is not a timm model; did you mean .*resnet18"),
         ("data.batch_size=0", r"data\.batch_size=0 is invalid: it must be an integer >= 1"),
+        ("test_weights=last", r"test_weights='last' is invalid: valid choices are best, final"),
     ],
 )
 def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> None:

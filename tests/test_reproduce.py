@@ -45,5 +45,22 @@ def test_report_flags_a_broken_parity_bound(tmp_path: Path, load_script) -> None
     code = reproduce.main(["--fast", "--report-only", "--out", str(out)])
     assert code == 1  # 9 points apart, the bound is 5
     report = (out / "RESULTS.md").read_text()
-    assert "q8_bifurcated − fp32 = -9.00 points" in report and "NOT within" in report
+    assert "`q8_bifurcated` − `fp32` | -9.00 | n/a | 1 and 1 | **NO** |" in report
     assert reproduce.main(["--fast", "--report-only", "--out", str(out), "--bound", "10"]) == 0
+
+
+def test_claims_get_more_seeds_and_a_verdict_each(tmp_path: Path, load_script) -> None:
+    """The parity and Range BN configurations run --claim-seeds seeds, the ablations --seeds;
+    each claim's line gives the difference of means, its standard error and the verdict."""
+    reproduce = load_script("reproduce")
+    seeds = reproduce.plan(reproduce.CONFIGS, [0, 1, 2], 5)
+    assert seeds["fp32"] == seeds["q8_batchnorm"] == [0, 1, 2, 3, 4]
+    assert seeds["q8_nearest_grads"] == seeds["all2"] == [0, 1, 2]
+    accs = {"fp32": [0.99, 0.98], "q8_bifurcated": [0.986, 0.976],
+            "fp32_range_bn": [0.96, 0.97], "q8_batchnorm": [0.99, 0.99]}
+    runs = {name: [{"test/acc": a} for a in values] for name, values in accs.items()}
+    lines = "\n".join(reproduce.claims_table(runs))
+    # standard error: sqrt(s_a^2 / 2 + s_b^2 / 2) with both variances 0.5 (points^2)
+    assert "`q8_bifurcated` − `fp32` | -0.40 | 0.71 | 2 and 2 | **yes** |" in lines
+    assert "`fp32_range_bn` − `fp32` | -2.00 | 0.71 | 2 and 2 | **NO** |" in lines
+    assert "`q8_bifurcated` − `q8_batchnorm` | -0.90 | 0.50 | 2 and 2 | **NO** |" in lines
