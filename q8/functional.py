@@ -194,6 +194,11 @@ class ReLUFn(torch.autograd.Function):
         return _mask_grad(gy.contiguous(), packed), None
 
 
+def _floor_div(a: Tensor, d: int) -> Tensor:
+    """a // d for int64 tensors; torch.div(rounding_mode="floor") is ~3x faster than // here."""
+    return a if d == 1 else torch.div(a, d, rounding_mode="floor")
+
+
 class MaxPool2dFn(torch.autograd.Function):
     """Max-pool that saves the argmax as its position inside the window (uint8), not int64."""
 
@@ -204,7 +209,8 @@ class MaxPool2dFn(torch.autograd.Function):
         H, W = x.shape[-2:]
         oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1) * sh - ph
         ow = torch.arange(y.shape[-1], device=x.device).view(1, -1) * sw - pw
-        local = ((idx // W - oh) // dh) * kw + (idx % W - ow) // dw  # 0 .. kh*kw-1
+        ih = _floor_div(idx, W)
+        local = _floor_div(ih - oh, dh) * kw + _floor_div(idx - ih * W - ow, dw)  # < kh*kw
         ctx.geometry = (x.shape, kw, (sh, sw), (ph, pw), (dh, dw))
         ctx.save_for_backward(local.to(torch.uint8))
         return y
@@ -217,7 +223,8 @@ class MaxPool2dFn(torch.autograd.Function):
         local = local.long()
         oh = torch.arange(gy.shape[-2], device=gy.device).view(-1, 1) * sh - ph
         ow = torch.arange(gy.shape[-1], device=gy.device).view(1, -1) * sw - pw
-        idx = (oh + (local // kw) * dh) * W + ow + (local % kw) * dw
+        row = _floor_div(local, kw)
+        idx = (oh + row * dh) * W + ow + (local - row * kw) * dw
         gx = gy.new_zeros(shape[:-2] + (H * W,))
         gx.scatter_add_(-1, idx.flatten(-2), gy.flatten(-2))
         return gx.view(shape), None, None, None, None, None

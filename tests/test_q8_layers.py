@@ -1,0 +1,51 @@
+"""ReLU and max-pool twins: PyTorch's results and gradients, from less saved memory (1 bit per
+element for ReLU's mask, one byte per output for the pool's argmax)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from q8.functional import MaxPool2dFn, ReLUFn
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 1, 1, 1), (4, 9), (3, 1001)])
+def test_relu_matches_pytorch_and_saves_one_bit_per_element(shape) -> None:
+    x = torch.randn(shape)
+    x.view(-1)[::5] = 0.0  # zeros pass no gradient, as in torch.relu
+    gy = torch.randn(shape)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = ReLUFn.apply(xa, False)
+    ya.backward(gy)
+    F.relu(xb).backward(gy)
+    assert torch.equal(ya, F.relu(x)) and torch.equal(xa.grad, xb.grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ReLUFn.apply(x.clone().requires_grad_(), False)
+    assert [t.dtype for t in saved] == [torch.uint8]
+    assert saved[0].numel() == (x.numel() + 7) // 8
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "dilation", "ceil_mode"),
+    [(3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 1, 2, False),
+     (3, 2, 0, 1, True), ((2, 3), (1, 2), (1, 0), 1, False)],
+)
+def test_max_pool_matches_pytorch_and_saves_one_byte_per_output(
+        kernel, stride, padding, dilation, ceil_mode) -> None:
+    pair = lambda v: tuple(v) if isinstance(v, tuple) else (v, v)  # noqa: E731
+    args = (pair(kernel), pair(stride), pair(padding), pair(dilation), ceil_mode)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 11, 13, generator=g)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = MaxPool2dFn.apply(xa, *args)
+    yb = F.max_pool2d(xb, kernel, stride, padding, dilation, ceil_mode)
+    gy = torch.randn(yb.shape, generator=g)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MaxPool2dFn.apply(x.clone().requires_grad_(), *args)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.uint8, yb.shape)]
