@@ -114,27 +114,30 @@ def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
 def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, t_max: Tensor,
                t_min: Tensor) -> tuple[Tensor, ...]:
     """Per sample and channel (B, C): sum of g, of g * (x_hat - mean), and the number of values
-    equal to the chunk's max and min (ties share the range's gradient); also those two masks
-    (B, C, spatial) as 0/1 floats, for _grad_input."""
+    equal to the chunk's max and min (ties share the range's gradient)."""
     B, C = g.shape[:2]
     xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
     centred = xv - mean.view(1, -1, 1)
     g_x = torch.matmul(gv.unsqueeze(-2), centred.unsqueeze(-1)).view(B, C)  # batched dots
-    # x - t == 0 iff x == t (finite floats), as 0/1 floats: eager PyTorch on a CPU writes bool
-    # tensors, and mixes dtypes, several times slower than float arithmetic
-    at_max = (xv - t_max.unsqueeze(-1)).eq_(0)
-    at_min = (xv - t_min.unsqueeze(-1)).eq_(0)
-    return gv.sum(-1), g_x, at_max.sum(-1), at_min.sum(-1), at_max, at_min
+    return gv.sum(-1), g_x, _equal(xv, t_max).sum(-1), _equal(xv, t_min).sum(-1)
+
+
+def _equal(xv: Tensor, t: Tensor) -> Tensor:
+    """xv == t (t per sample and channel) as 0/1 floats, via x - t == 0 (the same for finite
+    floats): eager PyTorch on a CPU writes bool tensors, and mixes dtypes, several times slower
+    than it does float arithmetic. Recomputed where needed: a compiler fuses it away."""
+    return (xv - t.unsqueeze(-1)).eq_(0)
 
 
 @fused
-def _grad_input(g: Tensor, a: Tensor, g_mean: Tensor, at_max: Tensor, at_min: Tensor,
-                w_max: Tensor, w_min: Tensor) -> Tensor:
+def _grad_input(x_hat: Tensor, g: Tensor, a: Tensor, g_mean: Tensor, t_max: Tensor,  # noqa: PLR0913
+                t_min: Tensor, w_max: Tensor, w_min: Tensor) -> Tensor:
     """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min."""
     B, C = g.shape[:2]
+    xv = x_hat.reshape(B, C, -1)
     gx = (g.reshape(B, C, -1) - g_mean.view(1, -1, 1)).mul_(a.view(1, -1, 1))
-    gx.addcmul_(at_max, w_max.unsqueeze(-1))  # + w where x is the max: exact, as an add
-    gx.addcmul_(at_min, w_min.unsqueeze(-1), value=-1)
+    gx.addcmul_(_equal(xv, t_max), w_max.unsqueeze(-1))  # + w where x is the max, exactly
+    gx.addcmul_(_equal(xv, t_min), w_min.unsqueeze(-1), value=-1)
     return gx.view(g.shape)
 
 
@@ -185,7 +188,7 @@ class RangeBNFn(torch.autograd.Function):
         n = gy.numel() // C
         x_hat = _load(src, scale, zero_point)
         g = quantize_grad(gy, ctx.grad)[0]
-        s_g, s_gx, n_max, n_min, at_max, at_min = _grad_sums(x_hat, g, mean, t_max, t_min)
+        s_g, s_gx, n_max, n_min = _grad_sums(x_hat, g, mean, t_max, t_min)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
@@ -198,7 +201,7 @@ class RangeBNFn(torch.autograd.Function):
         w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / (member.T @ (member @ n_max))  # ties counted per chunk
         w_min = w / (member.T @ (member @ n_min))
-        gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min)
+        gx = _grad_input(x_hat, g, gamma / S, sum_g / n, t_max, t_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 
