@@ -38,12 +38,13 @@ def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     zeros and zero gradients stay exact). One code of slack, s = range / (2^B - 2) with
     z = ceil(-lo / s), makes the grid [-z*s, (2^B - 1 - z)*s] cover [lo, hi]: nothing is clipped,
     so |x_hat - x| <= s/2 and stochastic rounding stays unbiased up to the range ends.
-    A constant slice c (zero range) gets s = |c| (1 if c == 0), which represents c exactly.
+    A constant slice c (zero range) gets s = |c| (1 if c == 0), which represents c exactly;
+    |c| is hi0 - lo0 there.
     """
     lo0, hi0 = lo.clamp(max=0), hi.clamp(min=0)
-    const = torch.maximum(lo.abs(), hi.abs())
-    const = torch.where(const > 0, const, torch.ones_like(const))
-    scale = torch.where(hi > lo, (hi0 - lo0) / (2**bits - 2), const)
+    span = hi0 - lo0
+    const = torch.where(span > 0, span, 1.0)
+    scale = torch.where(hi > lo, span / (2**bits - 2), const)
     zero_point = torch.ceil(-lo0 / scale)
     return scale, zero_point
 

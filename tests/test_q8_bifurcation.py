@@ -136,6 +136,17 @@ def test_running_range_used_in_eval_and_round_trips_through_state_dict():
     assert torch.equal(q2(x), y)
 
 
+def test_a_loaded_state_dict_decides_whether_the_running_range_is_used():
+    """A twin that has trained (running range in use) loads a fresh twin's state: in eval it
+    must go back to the batch's own range, as the fresh twin does."""
+    _, trained = conv_pair(QuantConfig())
+    trained(torch.rand(4, 16, 6, 6))
+    _, fresh = conv_pair(QuantConfig())
+    trained.load_state_dict(fresh.state_dict())
+    x = torch.randn(4, 16, 6, 6)
+    assert torch.equal(trained.eval()(x), fresh.eval()(x))
+
+
 def test_fp32_state_dict_loads_strictly_into_a_twin():
     ref, q = conv_pair(QuantConfig())
     q.load_state_dict(ref.state_dict(), strict=True)
