@@ -4,10 +4,13 @@
     python scripts/bench.py --model resnet50 --batch 256 --presets fp32,q8_bifurcated,q8
     python scripts/bench.py --device cuda --image-size 224   # on a GPU
 
-Per preset: median step time (forward, backward, SGD step) and its ratio to fp32, images/s,
+Per preset: median step time (forward, backward, SGD step), its ratio to fp32, images/s,
 bytes autograd saves for backward (each storage once; parameters, alive anyway, not counted)
 and its ratio to fp32, and peak memory (CUDA peak allocated, or peak RSS growth on the CPU).
-Steps of all presets are interleaved, so a busy machine slows every preset alike.
+Steps of all presets are interleaved, and the time ratio is the median over steps of each
+step's time over the fp32 step just before it (with the interquartile range of those ratios):
+on a shared or virtual machine whose speed drifts by 10-20% within a minute, the pairs cancel
+the drift that a ratio of two medians keeps.
 """
 
 from __future__ import annotations
@@ -92,6 +95,15 @@ class PeakRSS:
     @property
     def growth(self) -> int:
         return self.peak - self.base
+
+
+def paired_ratio(times: list[float], base: list[float]) -> tuple[float, list[float]]:
+    """Median and interquartile range of times[i] / base[i] (steps i taken side by side)."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    if len(ratios) < 2:
+        return ratios[0], [ratios[0], ratios[0]]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return statistics.median(ratios), [q1, q3]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,14 +191,16 @@ def main(argv: list[str] | None = None) -> dict:
         r["images_per_s"] = args.batch / (r["step_ms"] / 1e3)
     for n in names:
         r = results[n]
-        r["step_ratio"] = r["step_ms"] / base["step_ms"]
+        r["step_ratio"], r["step_ratio_iqr"] = paired_ratio(times[n], times["fp32"])
+        r["step_ratio_of_medians"] = r["step_ms"] / base["step_ms"]
         r["saved_ratio"] = r["saved_bytes"] / base["saved_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
 
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {threads} threads"
     header = (f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} on {where}, "
-              f"median of {args.steps} steps, q8 compile={'on' if q8.compile_enabled() else 'off'}")
+              f"median of {args.steps} steps, q8 compile={'on' if q8.compile_enabled() else 'off'}"
+              "; time x fp32: median of paired step ratios (interquartile range)")
     print(header)
     cols = ["preset", "step ms", "x fp32", "img/s", "saved MiB", "x fp32", "peak MiB", "x fp32"]
     print("| " + " | ".join(cols) + " |")
@@ -194,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:
         r = results[n]
         peak = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "-"
-        print(f"| {n} | {r['step_ms']:.1f} | {r['step_ratio']:.2f} | {r['images_per_s']:.0f} | "
+        lo, hi = r["step_ratio_iqr"]
+        ratio = f"{r['step_ratio']:.2f} ({lo:.2f}-{hi:.2f})"
+        print(f"| {n} | {r['step_ms']:.1f} | {ratio} | {r['images_per_s']:.0f} | "
               f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_ratio']:.3f} | "
               f"{r['peak_bytes'] / 2**20:.1f} | {peak} |")
     out = {"header": header, "args": vars(args), "torch": torch.__version__,
