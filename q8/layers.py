@@ -44,31 +44,21 @@ class ActRangeMixin:
     def _q8_input_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The [lo, hi] to quantize x with: the batch's in training, the running one in eval."""
         with torch.no_grad():
-            lo, hi = torch.aminmax(x)
-            if lo.dtype != torch.float32:
-                lo, hi = lo.float(), hi.float()
-            seen = self._q8_range_seen()
+            batch = torch.stack(torch.aminmax(x.detach())).float()
+            seen = self.act_range_steps > 0
             if self.training:
                 m = self.q8_config.act_momentum
-                batch = torch.stack((lo, hi))
-                self.act_range.copy_((1 - m) * self.act_range + m * batch if seen else batch)
+                self.act_range.copy_(torch.where(seen, (1 - m) * self.act_range + m * batch, batch))
                 self.act_range_steps += 1
-                self._q8_seen = True
-                return lo, hi
-            return (self.act_range[0], self.act_range[1]) if seen else (lo, hi)
-
-    def _q8_range_seen(self) -> bool:
-        """Whether the running range holds a batch yet, kept in Python (one read of the step
-        counter after each state-dict load) so that each call does not test a tensor."""
-        if getattr(self, "_q8_seen", None) is None:
-            self._q8_seen = bool(self.act_range_steps > 0)
-        return self._q8_seen
+                r = batch
+            else:
+                r = torch.where(seen, self.act_range, batch)
+        return r[0], r[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         for key in ("act_range", "act_range_steps"):
             state_dict.setdefault(prefix + key, getattr(self, key))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._q8_seen = None  # the loaded step counter decides
 
 
 def _pair(v: int | tuple) -> tuple:
