@@ -105,14 +105,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         n = self.last_every_n_train_steps
-        # save_last="link" would link last.ckpt to the best checkpoint, not save this state
-        if not (n and self.save_last is True and trainer.global_step % n == 0):
-            return
         # at an epoch's last batch the epoch-end checkpoint follows; saving here would make
         # Lightning's resume skip that epoch's validation
-        if self._should_skip_saving_checkpoint(trainer) or batches_into_epoch(trainer) is None:
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if n and trainer.global_step % n == 0 and batches_into_epoch(trainer) is not None:
+            self._save_last_if_behind(trainer)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         env = trainer._accelerator_connector.cluster_environment
@@ -157,7 +153,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         """Save last.ckpt unless this step's checkpoints are already written (Lightning saves
-        it along with a new best checkpoint only)."""
+        it along with a new best checkpoint only); save_last="link" would link last.ckpt to the
+        best checkpoint, not save this state."""
         if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
