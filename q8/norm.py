@@ -85,18 +85,35 @@ def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return xv.sum(-1), xv.amin(-1), xv.amax(-1)  # aminmax(dim=-1): ~10x slower on a CPU
 
 
+@functools.lru_cache(maxsize=256)
+def _chunk_tables(sizes: tuple[int, ...], spatial: int, rule: str, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Constants of a chunking: c(n_k) / K per chunk (K,) and the (K, B) one-hot membership."""
+    member = torch.repeat_interleave(torch.eye(len(sizes), device=device, dtype=dtype),
+                                     torch.tensor(sizes, device=device), dim=1)
+    coef = torch.tensor([range_scale(k * spatial, rule) / len(sizes) for k in sizes],
+                        device=device, dtype=dtype)
+    return coef, member
+
+
+def _per_chunk(s: Tensor, sizes: list[int], reduce) -> Tensor:  # noqa: ANN001
+    """reduce(., dim=1) over each chunk's samples: (B, C) -> (K, C). chunk_sizes gives at most
+    two sizes, the larger first, so two reshapes cover every chunk."""
+    k1 = sizes.count(sizes[0])
+    n1 = k1 * sizes[0]
+    first = reduce(s[:n1].reshape(k1, sizes[0], -1), 1)
+    if k1 == len(sizes):
+        return first
+    rest = reduce(s[n1:].reshape(len(sizes) - k1, sizes[-1], -1), 1)
+    return torch.cat([first, rest])
+
+
 def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
               spec: RangeSpec) -> tuple[Tensor, ...]:
     """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, each chunk's max
     and min (K, C), c(n_k) / K (K,) and the (K, B) chunk membership."""
-    member = torch.repeat_interleave(
-        torch.eye(len(sizes), device=smax.device, dtype=smax.dtype),
-        torch.tensor(sizes, device=smax.device), dim=1)  # (K, B) one-hot chunk membership
-    inside = member.bool().unsqueeze(-1)
-    cmax = torch.where(inside, smax, -torch.inf).amax(1)  # (K, C)
-    cmin = torch.where(inside, smin, torch.inf).amin(1)
-    coef = torch.tensor([range_scale(k * spatial, spec.rule) / len(sizes) for k in sizes],
-                        device=smax.device, dtype=smax.dtype)
+    cmax, cmin = _per_chunk(smax, sizes, torch.amax), _per_chunk(smin, sizes, torch.amin)
+    coef, member = _chunk_tables(tuple(sizes), spatial, spec.rule, smax.device, smax.dtype)
     sigma = ((cmax - cmin) * coef[:, None]).sum(0)
     return sigma, cmax, cmin, coef, member
 
@@ -111,33 +128,30 @@ def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
 
 
 @fused
-def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, t_max: Tensor,
-               t_min: Tensor) -> tuple[Tensor, ...]:
-    """Per sample and channel (B, C): sum of g, of g * (x_hat - mean), and the number of values
-    equal to the chunk's max and min (ties share the range's gradient)."""
+def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sample and channel (B, C): sum of g and of g * (x_hat - mean)."""
     B, C = g.shape[:2]
     xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
     centred = xv - mean.view(1, -1, 1)
     g_x = torch.matmul(gv.unsqueeze(-2), centred.unsqueeze(-1)).view(B, C)  # batched dots
-    return gv.sum(-1), g_x, _equal(xv, t_max).sum(-1), _equal(xv, t_min).sum(-1)
+    return gv.sum(-1), g_x
 
 
 def _equal(xv: Tensor, t: Tensor) -> Tensor:
     """xv == t (t per sample and channel) as 0/1 floats, via x - t == 0 (the same for finite
     floats): eager PyTorch on a CPU writes bool tensors, and mixes dtypes, several times slower
-    than it does float arithmetic. Recomputed where needed: a compiler fuses it away."""
+    than it does float arithmetic."""
     return (xv - t.unsqueeze(-1)).eq_(0)
 
 
 @fused
-def _grad_input(x_hat: Tensor, g: Tensor, a: Tensor, g_mean: Tensor, t_max: Tensor,  # noqa: PLR0913
-                t_min: Tensor, w_max: Tensor, w_min: Tensor) -> Tensor:
+def _grad_input(g: Tensor, a: Tensor, g_mean: Tensor, at_max: Tensor, at_min: Tensor,
+                w_max: Tensor, w_min: Tensor) -> Tensor:
     """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min."""
     B, C = g.shape[:2]
-    xv = x_hat.reshape(B, C, -1)
     gx = (g.reshape(B, C, -1) - g_mean.view(1, -1, 1)).mul_(a.view(1, -1, 1))
-    gx.addcmul_(_equal(xv, t_max), w_max.unsqueeze(-1))  # + w where x is the max, exactly
-    gx.addcmul_(_equal(xv, t_min), w_min.unsqueeze(-1), value=-1)
+    gx.addcmul_(at_max, w_max.unsqueeze(-1))  # + w where x is the max, exactly
+    gx.addcmul_(at_min, w_min.unsqueeze(-1), value=-1)
     return gx.view(g.shape)
 
 
@@ -188,7 +202,10 @@ class RangeBNFn(torch.autograd.Function):
         n = gy.numel() // C
         x_hat = _load(src, scale, zero_point)
         g = quantize_grad(gy, ctx.grad)[0]
-        s_g, s_gx, n_max, n_min = _grad_sums(x_hat, g, mean, t_max, t_min)
+        s_g, s_gx = _grad_sums(x_hat, g, mean)
+        xv = x_hat.reshape(B, C, -1)
+        at_max, at_min = _equal(xv, t_max), _equal(xv, t_min)  # ties share the range's gradient
+        n_max, n_min = at_max.sum(-1), at_min.sum(-1)  # (B, C)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
@@ -201,7 +218,7 @@ class RangeBNFn(torch.autograd.Function):
         w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / (member.T @ (member @ n_max))  # ties counted per chunk
         w_min = w / (member.T @ (member @ n_min))
-        gx = _grad_input(x_hat, g, gamma / S, sum_g / n, t_max, t_min, w_max, w_min)
+        gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 
