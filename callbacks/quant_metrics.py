@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from q8.quantizer import aminmax, qparams
+from q8.quantizer import aminmax, qparams, round_to_grid, uniform16
 
 
 def quant_error(
@@ -44,15 +44,10 @@ def quant_error(
 
 def _codes(x: Tensor, bits: int, scale: Tensor, zero_point: Tensor, rounding: str,
            generator: torch.Generator | None) -> Tensor:
-    """q8's grid (see q8.quantizer): q = clamp(round(x / s) + z, 0, 2^B - 1), nearest, or
-    floor(x / s + u) + z with u ~ U[0, 1), stochastic. Eager, with its own random stream, so
-    that measuring neither compiles kernels nor moves training's random numbers."""
-    y = x / scale
-    if rounding == "stochastic":
-        y = torch.floor(y.add_(torch.rand(y.shape, generator=generator, device=y.device)))
-    else:
-        y = torch.round(y)
-    return y.add_(zero_point).clamp_(0, 2**bits - 1)
+    """q8's codes of x (as float), eager and with the callback's own random stream, so that
+    measuring neither compiles kernels nor moves training's random numbers."""
+    noise = uniform16(x, generator) if rounding == "stochastic" else None
+    return round_to_grid(x, scale, zero_point, bits, noise)
 
 
 def sqnr_db(power: Tensor, noise: Tensor) -> Tensor:

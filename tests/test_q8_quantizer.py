@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q8 import QuantConfig, fake_quantize
-from q8.quantizer import aminmax, qparams
+from q8.quantizer import aminmax, qparams, uniform16
 
 BITS = [2, 4, 8, 16]
 F32_EPS = torch.finfo(torch.float32).eps
@@ -97,10 +97,25 @@ def test_stochastic_rounding_is_unbiased_at_rate_sigma_over_sqrt_n(bits):
         err = draws.double().mean(0) - x
         # each element's mean is within Bernstein's bound (a Bernoulli per element)...
         s = scale_of(x, bits)
-        assert (err.abs() <= bernstein(sigma, s, n) + 4 * F32_EPS * x.abs().max()).all()
+        # (+ the 16-bit noise's bias, at most 2^-17 of a step)
+        tol = bernstein(sigma, s, n) + s * 2**-17 + 4 * F32_EPS * x.abs().max()
+        assert (err.abs() <= tol).all()
         # ...and the RMS error over elements is sigma/sqrt(N): 2048 elements give ~1.6% noise
         ratio = err.pow(2).mean().sqrt() / (sigma.pow(2).mean().sqrt() / math.sqrt(n))
         assert 0.9 < ratio < 1.1
+
+
+def test_uniform16_is_uniform_on_the_2_to_16_midpoints_in_every_lane():
+    n = 1 << 20
+    u = uniform16(torch.empty(n), torch.Generator().manual_seed(0)).double()
+    k = u * 2**16 - 0.5
+    assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= 2**16 - 1
+    assert k.unique().numel() == 2**16  # P(2^20 draws miss a level) ~ 7e-3
+    # each of the four 16-bit lanes of a 64-bit draw (all 64 bits used): mean 1/2, sd
+    # 1/sqrt(12); 6 standard errors
+    lanes = u.view(-1, 4).mean(0)
+    assert ((lanes - 0.5).abs() < 6 / math.sqrt(12 * n / 4)).all()
+    assert u.shape == (n,) and uniform16(torch.empty(3, 5, dtype=torch.float64)).shape == (3, 5)
 
 
 def test_stochastic_rounding_error_is_below_one_step():
