@@ -18,7 +18,7 @@ from q8.compile import fused
 from q8.quantizer import (
     QTensor,
     aminmax,
-    fake_quant,
+    fake_quant_own_range,
     qparams,
     quantize_codes,
     round_to_grid,
@@ -71,16 +71,16 @@ def restore_input(saved: tuple) -> Tensor:
 
 
 def quantize_weight(w: Tensor, bits: int | None, per_channel: bool) -> tuple[Tensor, tuple]:
-    """W_hat (nearest rounding). Backward re-derives it from W and (scale, zero point) rather
-    than keeping a copy: W is alive anyway, so the weights cost no saved memory."""
+    """W_hat (nearest rounding over W's own range). Backward re-derives it from W and the
+    scale rather than keeping a copy: W is alive anyway, so the weights cost no saved memory."""
     if bits is None:
         return w, ()
-    scale, zero_point = qparams(*aminmax(w.detach(), 0 if per_channel else None), bits)
-    return fake_quant(w, scale, zero_point, bits), (scale, zero_point)
+    scale, _ = qparams(*aminmax(w.detach(), 0 if per_channel else None), bits)
+    return fake_quant_own_range(w, scale), (scale,)
 
 
 def requantize_weight(w: Tensor, bits: int | None, qp: tuple) -> Tensor:
-    return w if bits is None else fake_quant(w, *qp, bits)
+    return w if bits is None else fake_quant_own_range(w, *qp)
 
 
 @dataclass(frozen=True)
@@ -194,37 +194,49 @@ class ReLUFn(torch.autograd.Function):
         return _mask_grad(gy.contiguous(), packed), None
 
 
-def _floor_div(a: Tensor, d: int) -> Tensor:
-    """a // d for int64 tensors; torch.div(rounding_mode="floor") is ~3x faster than // here."""
-    return a if d == 1 else torch.div(a, d, rounding_mode="floor")
-
-
 class MaxPool2dFn(torch.autograd.Function):
-    """Max-pool that saves the argmax as its position inside the window (uint8), not int64."""
+    """Max-pool that saves the argmax as its position inside the window (uint8), not int64.
+
+    The index arithmetic runs on floats, which eager PyTorch does several times faster than
+    int64 division here; it is exact: every value is an integer below 2^23 (float64 for
+    larger planes), and floor(i / W) of such integers is exact in float."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):  # noqa: ANN001, ANN205
         y, idx = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-        (_, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-        H, W = x.shape[-2:]
-        oh = torch.arange(y.shape[-2], device=x.device).view(-1, 1) * sh - ph
-        ow = torch.arange(y.shape[-1], device=x.device).view(1, -1) * sw - pw
-        ih = _floor_div(idx, W)
-        local = _floor_div(ih - oh, dh) * kw + _floor_div(idx - ih * W - ow, dw)  # < kh*kw
-        ctx.geometry = (x.shape, kw, (sh, sw), (ph, pw), (dh, dw))
-        ctx.save_for_backward(local.to(torch.uint8))
+        (_, kw), (dh, dw), W = kernel, dilation, x.shape[-1]
+        oh, ow = _window_origins(y.shape, x.shape, stride, padding, x.device)
+        i = idx.to(oh.dtype)
+        ih = torch.div(i, W).floor_()  # row of the argmax in x
+        iw = i.sub_(ih * W)  # column
+        local = ih.sub_(oh).div_(dh).mul_(kw).add_(iw.sub_(ow).div_(dw))  # < kh*kw <= 255
+        ctx.geometry = (x.shape, kernel, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(local.to(torch.int16).to(torch.uint8))
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         (local,) = ctx.saved_tensors
-        shape, kw, (sh, sw), (ph, pw), (dh, dw) = ctx.geometry
-        H, W = shape[-2:]
-        local = local.long()
-        oh = torch.arange(gy.shape[-2], device=gy.device).view(-1, 1) * sh - ph
-        ow = torch.arange(gy.shape[-1], device=gy.device).view(1, -1) * sw - pw
-        row = _floor_div(local, kw)
-        idx = (oh + row * dh) * W + ow + (local - row * kw) * dw
-        gx = gy.new_zeros(shape[:-2] + (H * W,))
-        gx.scatter_add_(-1, idx.flatten(-2), gy.flatten(-2))
-        return gx.view(shape), None, None, None, None, None
+        shape, kernel, stride, padding, dilation, ceil_mode = ctx.geometry
+        (_, kw), (dh, dw), W = kernel, dilation, shape[-1]
+        oh, ow = _window_origins(gy.shape, shape, stride, padding, gy.device)
+        lf = local.to(oh.dtype)
+        row = torch.div(lf, kw).floor_()
+        col = lf.sub_(row * kw)
+        idx = row.mul_(dh).add_(oh).mul_(W).add_(col.mul_(dw).add_(ow)).long()
+        # PyTorch's own max-pool backward (it reads only the shape of its `self` argument)
+        gx = torch.ops.aten.max_pool2d_with_indices_backward(
+            gy, gy.new_empty(shape), kernel, stride, padding, dilation, ceil_mode, idx)
+        return gx, None, None, None, None, None
+
+
+def _window_origins(out_shape: torch.Size, in_shape: torch.Size, stride: tuple,
+                    padding: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The input row (column) of each output row's (column's) window origin, as floats:
+    float32 if every index of an input plane is below 2^23, else float64."""
+    H, W = in_shape[-2:]
+    dtype = torch.float32 if H * W < 2**23 else torch.float64
+    (sh, sw), (ph, pw) = stride, padding
+    oh = torch.arange(out_shape[-2], device=device, dtype=dtype).view(-1, 1) * sh - ph
+    ow = torch.arange(out_shape[-1], device=device, dtype=dtype).view(1, -1) * sw - pw
+    return oh, ow

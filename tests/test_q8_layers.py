@@ -49,3 +49,15 @@ def test_max_pool_matches_pytorch_and_saves_one_byte_per_output(
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         MaxPool2dFn.apply(x.clone().requires_grad_(), *args)
     assert [(t.dtype, t.shape) for t in saved] == [(torch.uint8, yb.shape)]
+
+
+def test_max_pool_on_planes_of_2_to_23_values_or_more_stays_exact() -> None:
+    """Index arithmetic switches to float64 where float32 no longer holds every index."""
+    x = torch.randn(1, 1, 2900, 2900, generator=torch.Generator().manual_seed(0))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = MaxPool2dFn.apply(xa, (3, 3), (2, 2), (1, 1), (1, 1), False)
+    yb = F.max_pool2d(xb, 3, 2, 1)
+    gy = torch.randn(yb.shape)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)

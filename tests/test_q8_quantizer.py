@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q8 import QuantConfig, fake_quantize
-from q8.quantizer import aminmax, qparams, uniform16
+from q8.quantizer import aminmax, fake_quant, fake_quant_own_range, qparams, uniform16
 
 BITS = [2, 4, 8, 16]
 F32_EPS = torch.finfo(torch.float32).eps
@@ -190,3 +190,23 @@ def test_fake_quantize_rejects_bad_arguments():
         fake_quantize(torch.randn(3), 8, rounding="floor")
     with pytest.raises(ValueError, match="bits"):
         fake_quantize(torch.randn(3), 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize("dim", [None, 0])
+def test_fake_quant_over_its_own_range_equals_fake_quant_exactly(bits, dim):
+    """The weights' 3-pass fake quantization clips nothing, so it is fake_quant to the bit."""
+    g = torch.Generator().manual_seed(bits)
+    cases = [torch.randn(64, 3, 3, 3, generator=g) * 10.0**e for e in (-30, -3, 0, 3, 30)]
+    cases += [torch.rand(64, 9, generator=g) + 0.5, -torch.rand(64, 9, generator=g) - 0.5,
+              torch.full((8, 5), -2.5), torch.full((8, 5), 3.0), torch.zeros(8, 5),
+              torch.randn(64, 9, generator=g).round(), torch.randn(1, 1, generator=g)]
+    for _ in range(20):  # ranges whose ends fall on or near grid points
+        x = torch.randint(-300, 300, (32, 17), generator=g).float() / 7
+        cases.append(x + torch.randn(32, 17, generator=g) * 1e-6)
+    for x in cases:
+        scale, zero_point = qparams(*aminmax(x, dim), bits)
+        assert torch.equal(fake_quant_own_range(x, scale), fake_quant(x, scale, zero_point, bits))
+    bad = torch.tensor([1.0, float("nan"), -2.0])
+    scale, zero_point = qparams(*aminmax(bad), bits)
+    assert fake_quant_own_range(bad, scale).isnan().all()
