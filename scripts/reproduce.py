@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -96,10 +97,19 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
     return out / config.name / f"seed{seed}"
 
 
+DIVERGED = re.compile(r"non-finite value at step (\d+)")
+
+
+def finished(directory: Path) -> bool:
+    """A run that wrote its metrics, or one that diverged (a result too, at low bit widths)."""
+    return (directory / "metrics.json").is_file() or (directory / "diverged.json").is_file()
+
+
 def train(out: Path, config: Config, seed: int, extra: list[str]) -> tuple[Path, float, str]:
-    """One train.py run (skipped when its metrics.json exists); returns dir, seconds, status."""
+    """One train.py run (skipped when finished before); returns dir, seconds, status. A run
+    that the nan guard stopped leaves diverged.json with the step, instead of metrics.json."""
     directory = run_dir(out, config, seed)
-    if (directory / "metrics.json").is_file():
+    if finished(directory):
         return directory, 0.0, "done before"
     cmd = [sys.executable, "train.py", *COMMON, *config.overrides, f"seed={seed}", *extra,
            f"hydra.run.dir={directory}"]
@@ -110,6 +120,11 @@ def train(out: Path, config: Config, seed: int, extra: list[str]) -> tuple[Path,
     with open(directory / "train.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see train.log)"
+    diverged = DIVERGED.search((directory / "train.log").read_text(errors="replace"))
+    if proc.returncode != 0 and diverged:
+        step = int(diverged.group(1))
+        (directory / "diverged.json").write_text(json.dumps({"seed": seed, "step": step}))
+        status = f"diverged at step {step} (non-finite values, see train.log)"
     return directory, time.time() - start, status
 
 
@@ -138,9 +153,11 @@ def load(out: Path, configs: list[Config],
     runs: dict[str, list[dict]] = {}
     for c in configs:
         for s in seeds[c.name]:
-            path = run_dir(out, c, s) / "metrics.json"
-            if path.is_file():
-                runs.setdefault(c.name, []).append(json.loads(path.read_text()))
+            for name in ("metrics.json", "diverged.json"):  # diverged: {"seed", "step"}
+                path = run_dir(out, c, s) / name
+                if path.is_file():
+                    runs.setdefault(c.name, []).append(json.loads(path.read_text()))
+                    break
     return runs
 
 
@@ -165,12 +182,16 @@ def table(configs: list[Config], runs: dict[str, list[dict]], reference: str) ->
         rs = runs.get(c.name, [])
         a = acc(rs)
         delta = f"{statistics.mean(a) - statistics.mean(ref):+.2f}" if a and ref else "n/a"
-        per_seed = ", ".join(f"{v:.1f}" for v in a) or "n/a"
+        per_seed = ", ".join(f"{100 * r['test/acc']:.1f}" if r.get("test/acc") is not None
+                             else f"diverged at step {r['step']}" if "step" in r else "n/a"
+                             for r in rs) or "n/a"
         losses = [r["train/loss"] for r in rs if r.get("train/loss") is not None]
         loss = f"{statistics.mean(losses):.3f}" if losses else "n/a"
         minutes = [r["wall_time_s"] / 60 for r in rs if r.get("wall_time_s")]
         wall = f"{statistics.mean(minutes):.1f}" if minutes else "n/a"
-        lines.append(f"| `{c.name}` | {c.what} | {mean_std(a)} | {delta} | {per_seed} | "
+        diverged = sum("step" in r for r in rs)
+        mean = mean_std(a) + (f" ({diverged} of {len(rs)} diverged)" if diverged else "")
+        lines.append(f"| `{c.name}` | {c.what} | {mean} | {delta} | {per_seed} | "
                      f"{loss} | {wall} |")
     return lines
 
@@ -199,7 +220,8 @@ def claims_table(runs: dict[str, list[dict]]) -> list[str]:
         if d is None:
             continue
         n = f"{len(acc(runs[a]))} and {len(acc(runs[b]))}"
-        verdict = "**yes**" if abs(d) <= TARGET else "**NO**"
+        verdict = ("**yes**" if abs(d) <= TARGET else
+                   f"**NO** (`{a}` higher)" if d > 0 else "**NO**")
         lines.append(f"| {what}: `{a}` − `{b}` | {d:+.2f} | "
                      f"{'n/a' if err is None else f'{err:.2f}'} | {n} | {verdict} |")
     return lines
@@ -403,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = load(args.out, configs, seeds)
     missing = [f"{c.name}/seed{s}" for c in configs for s in seeds[c.name]
-               if not (run_dir(args.out, c, s) / "metrics.json").is_file()]
+               if not finished(run_dir(args.out, c, s))]
     if missing:
         print(f"error: {len(missing)} runs did not finish: {', '.join(missing)}",
               file=sys.stderr)

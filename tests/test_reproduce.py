@@ -64,3 +64,33 @@ def test_claims_get_more_seeds_and_a_verdict_each(tmp_path: Path, load_script) -
     assert "`q8_bifurcated` − `fp32` | -0.40 | 0.71 | 2 and 2 | **yes** |" in lines
     assert "`fp32_range_bn` − `fp32` | -2.00 | 0.71 | 2 and 2 | **NO** |" in lines
     assert "`q8_bifurcated` − `q8_batchnorm` | -0.90 | 0.50 | 2 and 2 | **NO** |" in lines
+    runs["fp32"] = [{"test/acc": a} for a in (0.97, 0.96)]  # q8 now 1.6 points above fp32
+    lines = "\n".join(reproduce.claims_table(runs))
+    assert "| +1.60 | 0.71 | 2 and 2 | **NO** (`q8_bifurcated` higher) |" in lines
+
+
+def test_a_diverged_run_is_a_result_not_a_missing_run(tmp_path: Path, load_script,
+                                                       monkeypatch) -> None:
+    """At 2 bits training can go non-finite: the nan guard stops it, and the report shows the
+    step it diverged at instead of failing the reproduction. Other crashes stay failures."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "runs"
+    config = next(c for c in reproduce.CONFIGS if c.name == "all2")
+    logs = {1: "error: non-finite value at step 78, first at model.layer3: g_l\n",
+            2: "Traceback (most recent call last):\nRuntimeError: out of memory\n"}
+
+    def fake_run(cmd, cwd, env, stdout, stderr):  # noqa: ANN001, ANN202
+        stdout.write(logs[int(next(a for a in cmd if a.startswith("seed="))[5:])])
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    assert reproduce.train(out, config, 1, [])[2].startswith("diverged at step 78")
+    assert reproduce.train(out, config, 2, [])[2].startswith("FAILED (exit 1")
+    run0 = reproduce.run_dir(out, config, 0)
+    run0.mkdir(parents=True)
+    (run0 / "metrics.json").write_text(json.dumps({"test/acc": 0.1, "train/loss": 2.3}))
+    finished = [reproduce.finished(reproduce.run_dir(out, config, s)) for s in (0, 1, 2)]
+    assert finished == [True, True, False]
+    runs = reproduce.load(out, [config], {"all2": [0, 1, 2]})
+    row = reproduce.table([config], runs, "all2")[-1]
+    assert "| 10.00 (1 of 2 diverged) |" in row and "| 10.0, diverged at step 78 |" in row
