@@ -5,6 +5,8 @@
           q = clamp(floor(x / s + u) + z, 0, 2^B - 1)  stochastic, u ~ U[0, 1): E[x_hat] = x
     value x_hat = (q - z) * s
 
+u is drawn at 16-bit resolution (`uniform16`), so E[x_hat] = x up to 2^-17 of a step.
+
 Non-finite input propagates: a NaN or inf in a tensor (or slice) makes its range non-finite and
 every quantized value of it NaN, so a divergence is seen at the loss, never hidden as finite
 garbage.
