@@ -97,6 +97,7 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
     return out / config.name / f"seed{seed}"
 
 
+# the one line train.py prints when callbacks/nan_guard.py stops a run (NonFiniteError, exit 1)
 DIVERGED = re.compile(r"non-finite value at step (\d+)")
 
 
@@ -119,9 +120,11 @@ def train(out: Path, config: Config, seed: int, extra: list[str]) -> tuple[Path,
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "train.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see train.log)"
+    if proc.returncode == 0:
+        return directory, time.time() - start, "ok"
+    status = f"FAILED (exit {proc.returncode}, see train.log)"
     diverged = DIVERGED.search((directory / "train.log").read_text(errors="replace"))
-    if proc.returncode != 0 and diverged:
+    if diverged:
         step = int(diverged.group(1))
         (directory / "diverged.json").write_text(json.dumps({"seed": seed, "step": step}))
         status = f"diverged at step {step} (non-finite values, see train.log)"
