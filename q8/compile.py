@@ -51,6 +51,8 @@ def fused(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if torch.compiler.is_compiling():  # called from another fused function: inline it
+            return fn(*args, **kwargs)
         if not compile_enabled() or "broken" in compiled or _python_dispatch_active():
             return fn(*args, **kwargs)
         try:

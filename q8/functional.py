@@ -18,10 +18,10 @@ from q8.compile import fused
 from q8.quantizer import (
     QTensor,
     aminmax,
+    fake_quant,
     fake_quant_own_range,
     qparams,
     quantize_codes,
-    round_to_grid,
     rounding_noise,
 )
 
@@ -40,14 +40,15 @@ def _grad_pair(g: Tensor, bits: int | None, wbits: int | None,
                noise: Tensor | None) -> tuple[Tensor, Tensor]:
     lo, hi = torch.aminmax(g)
 
-    def q(b: int | None) -> Tensor:
+    def q(b: int | None, last: bool) -> Tensor:
         if b is None:
             return g
         scale, zero_point = qparams(lo, hi, b)
-        return round_to_grid(g, scale, zero_point, b, noise).sub_(zero_point).mul_(scale)
+        return fake_quant(g, scale, zero_point, b, noise, consume_noise=last)
 
-    g_data = q(bits)
-    return g_data, (g_data if wbits == bits else q(wbits))
+    both = wbits == bits
+    g_data = q(bits, last=both or wbits is None)
+    return g_data, (g_data if both else q(wbits, last=True))
 
 
 def quantize_grad(g: Tensor, spec: GradSpec) -> tuple[Tensor, Tensor]:

@@ -73,18 +73,38 @@ def uniform_hash(like: Tensor, seed: Tensor) -> Tensor:
     return (h >> 8).to(like.dtype) * (1.0 / (1 << 24))
 
 
+def _round_scaled(x: Tensor, scale: Tensor, noise: Tensor | None,
+                  consume_noise: bool = False) -> Tensor:
+    """x / s rounded to an integer (as float): nearest if noise is None, else floor(x/s + u)
+    with noise = U[0,1) samples u, or an int64 seed for uniform_hash. u + x/s is one addcdiv
+    (the same rounding as x/s, then + u); with consume_noise it is written over u."""
+    # One new tensor, then in place: eager PyTorch on a CPU pays a page fault per 4 KiB of
+    # every fresh activation-sized buffer, more than the arithmetic (compiled: the same graph).
+    if noise is None:
+        return (x / scale).round_()
+    if noise.dtype == torch.int64:
+        noise, consume_noise = uniform_hash(x, noise), True
+    y = noise.addcdiv_(x, scale) if consume_noise else torch.addcdiv(noise, x, scale)
+    return y.floor_()
+
+
+def _clamp_shifted(y: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """clamp(y + z, 0, 2^B - 1) - z, in place, as clamp(y, -z, 2^B - 1 - z): the same to the
+    bit for integer-valued y and z (y + z is exact below 2^24, and beyond that both clamp).
+    Eager PyTorch on a CPU clamps by tensors ~15x slower than by numbers, so a single zero
+    point is read out there."""
+    top = 2**bits - 1
+    if zero_point.numel() == 1 and y.device.type == "cpu" and not torch.compiler.is_compiling():
+        z = zero_point.item()
+        return y.clamp_(-z, top - z)
+    return torch.clamp(y, -zero_point, top - zero_point, out=y)
+
+
 def round_to_grid(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
                   noise: Tensor | None) -> Tensor:
     """The integer code q of x (as float): nearest if noise is None, else stochastic with
     noise = U[0,1) samples, or an int64 seed for uniform_hash."""
-    # One new tensor, then in place: eager PyTorch on a CPU pays a page fault per 4 KiB of
-    # every fresh activation-sized buffer, more than the arithmetic (compiled: the same graph).
-    y = x / scale
-    if noise is None:
-        y.round_()
-    else:
-        y.add_(uniform_hash(y, noise) if noise.dtype == torch.int64 else noise).floor_()
-    return y.add_(zero_point).clamp_(0, 2**bits - 1)
+    return _round_scaled(x, scale, noise).add_(zero_point).clamp_(0, 2**bits - 1)
 
 
 def code_dtype(bits: int) -> torch.dtype:
@@ -104,9 +124,12 @@ def quantize_codes(x: Tensor, lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor
 
 @fused
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
-               noise: Tensor | None = None) -> Tensor:
-    """x_hat = (q - z) * s for given (scale, zero point)."""
-    return round_to_grid(x, scale, zero_point, bits, noise).sub_(zero_point).mul_(scale)
+               noise: Tensor | None = None, consume_noise: bool = False) -> Tensor:
+    """x_hat = (q - z) * s for given (scale, zero point): (clamp(round(x/s) + z) - z) * s,
+    computed as clamp(round(x/s), -z, 2^B - 1 - z) * s in four passes. `consume_noise`: the
+    caller's U[0,1) samples may be overwritten."""
+    y = _round_scaled(x, scale, noise, consume_noise)
+    return _clamp_shifted(y, zero_point, bits).mul_(scale)
 
 
 @fused
@@ -158,7 +181,8 @@ def quantize(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """x quantized with the given (scale, zero point) and dequantized: x_hat."""
-    return fake_quant(x, scale, zero_point, bits, rounding_noise(x, rounding, generator))
+    noise = rounding_noise(x, rounding, generator)
+    return fake_quant(x, scale, zero_point, bits, noise, consume_noise=True)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):

@@ -210,3 +210,23 @@ def test_fake_quant_over_its_own_range_equals_fake_quant_exactly(bits, dim):
     bad = torch.tensor([1.0, float("nan"), -2.0])
     scale, zero_point = qparams(*aminmax(bad), bits)
     assert fake_quant_own_range(bad, scale).isnan().all()
+
+
+@pytest.mark.parametrize("bits", [2, 8, 16])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_fake_quant_is_the_dequantized_code_to_the_bit(bits, stochastic):
+    """fake_quant computes (clamp(round(x/s) + z, 0, 2^B-1) - z) * s without adding z, and
+    x/s + u as one addcdiv: the same floats, clipped ranges (ends inside x) included."""
+    g = torch.Generator().manual_seed(bits)
+    for e in (-30, -3, 0, 3, 30):
+        x = torch.randn(32, 33, generator=g) * 10.0**e
+        x[0, :2] = torch.stack([torch.tensor(0.0), 1e6 * x.abs().max()])  # far outside a range
+        for shrink in (1.0, 0.5, 1e-4):
+            scale, zero_point = qparams(*torch.aminmax(x * shrink), bits)
+            noise = uniform16(x, g) if stochastic else None
+            y = x / scale
+            y = y.add_(noise).floor_() if stochastic else y.round_()
+            want = y.add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+            assert torch.equal(fake_quant(x, scale, zero_point, bits, noise), want)
+            if stochastic:  # the noise may also be overwritten in place
+                assert torch.equal(fake_quant(x, scale, zero_point, bits, noise, True), want)
