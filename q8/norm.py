@@ -88,12 +88,12 @@ def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 @functools.lru_cache(maxsize=256)
 def _chunk_tables(sizes: tuple[int, ...], spatial: int, rule: str, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Constants of a chunking: c(n_k) / K per chunk (K,) and the (K, B) one-hot membership."""
-    member = torch.repeat_interleave(torch.eye(len(sizes), device=device, dtype=dtype),
-                                     torch.tensor(sizes, device=device), dim=1)
+    """Constants of a chunking: c(n_k) / K per chunk (K,) and each sample's chunk (B,)."""
+    chunk = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                    torch.tensor(sizes, device=device))
     coef = torch.tensor([range_scale(k * spatial, rule) / len(sizes) for k in sizes],
                         device=device, dtype=dtype)
-    return coef, member
+    return coef, chunk
 
 
 def _per_chunk(s: Tensor, sizes: list[int], reduce) -> Tensor:  # noqa: ANN001
@@ -111,11 +111,11 @@ def _per_chunk(s: Tensor, sizes: list[int], reduce) -> Tensor:  # noqa: ANN001
 def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
               spec: RangeSpec) -> tuple[Tensor, ...]:
     """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, each chunk's max
-    and min (K, C), c(n_k) / K (K,) and the (K, B) chunk membership."""
+    and min (K, C), c(n_k) / K (K,) and each sample's chunk (B,)."""
     cmax, cmin = _per_chunk(smax, sizes, torch.amax), _per_chunk(smin, sizes, torch.amin)
-    coef, member = _chunk_tables(tuple(sizes), spatial, spec.rule, smax.device, smax.dtype)
+    coef, chunk = _chunk_tables(tuple(sizes), spatial, spec.rule, smax.device, smax.dtype)
     sigma = ((cmax - cmin) * coef[:, None]).sum(0)
-    return sigma, cmax, cmin, coef, member
+    return sigma, cmax, cmin, coef, chunk
 
 
 def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
@@ -173,7 +173,7 @@ class RangeBNFn(torch.autograd.Function):
         ssum, smin, smax = _sample_stats(x_hat)
         mean = ssum.sum(0) / (B * spatial)
         sizes = chunk_sizes(B, spatial, spec.chunks)
-        sigma, cmax, cmin, coef, member = range_std(smin, smax, sizes, spatial, spec)
+        sigma, cmax, cmin, coef, chunk = range_std(smin, smax, sizes, spatial, spec)
         if group is not None:  # the mean over every rank's values and chunks
             mean, sigma, coef = _all_reduce_stats(group, ssum.sum(0), B * spatial, sigma,
                                                   coef)
@@ -189,14 +189,14 @@ class RangeBNFn(torch.autograd.Function):
         ctx.group = group
         if len(saved_x) == 1:
             saved_x = (saved_x[0], None, None)
-        ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, cmax, cmin, coef, member)
+        ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, cmax, cmin, coef, chunk)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        src, scale, zero_point, mean, sigma, S, gamma, cmax, cmin, coef, member = (
+        src, scale, zero_point, mean, sigma, S, gamma, cmax, cmin, coef, chunk = (
             ctx.saved_tensors)
-        t_max, t_min = member.T @ cmax, member.T @ cmin  # (B, C): each sample's chunk extremes
+        t_max, t_min = cmax[chunk], cmin[chunk]  # (B, C): each sample's chunk extremes
         gy = gy.contiguous()
         B, C = gy.shape[:2]
         n = gy.numel() // C
@@ -215,9 +215,10 @@ class RangeBNFn(torch.autograd.Function):
         # x_tilde = (x - mean) / S, S = sqrt(sigma^2 + eps), sigma = sum_k c_k range_k / K:
         # the mean's gradient centres g; S's flows to each chunk's max and min.
         grad_sigma = -gamma * sum_gx / S * (sigma / S)  # (C,)
-        w = grad_sigma * (member.T @ coef)[:, None]  # (B, C): dL/d(range of the sample's chunk)
-        w_max = w / (member.T @ (member @ n_max))  # ties counted per chunk
-        w_min = w / (member.T @ (member @ n_min))
+        w = grad_sigma * coef[chunk, None]  # (B, C): dL/d(range of the sample's chunk)
+        per_chunk = cmax.new_zeros(cmax.shape)
+        w_max = w / per_chunk.index_add(0, chunk, n_max)[chunk]  # ties counted per chunk
+        w_min = w / per_chunk.index_add(0, chunk, n_min)[chunk]
         gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
