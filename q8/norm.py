@@ -128,11 +128,12 @@ def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
 
 
 @fused
-def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
-    """Per sample and channel (B, C): sum of g and of g * (x_hat - mean)."""
+def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, overwrite: bool) -> tuple[Tensor, Tensor]:
+    """Per sample and channel (B, C): sum of g and of g * (x_hat - mean); `overwrite`: x_hat
+    may be centred in place."""
     B, C = g.shape[:2]
     xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
-    centred = xv - mean.view(1, -1, 1)
+    centred = xv.sub_(mean.view(1, -1, 1)) if overwrite else xv - mean.view(1, -1, 1)
     g_x = torch.matmul(gv.unsqueeze(-2), centred.unsqueeze(-1)).view(B, C)  # batched dots
     return gv.sum(-1), g_x
 
@@ -146,10 +147,12 @@ def _equal(xv: Tensor, t: Tensor) -> Tensor:
 
 @fused
 def _grad_input(g: Tensor, a: Tensor, g_mean: Tensor, at_max: Tensor, at_min: Tensor,
-                w_max: Tensor, w_min: Tensor) -> Tensor:
-    """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min."""
+                w_max: Tensor, w_min: Tensor, overwrite: bool) -> Tensor:
+    """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min;
+    `overwrite`: computed in g's memory."""
     B, C = g.shape[:2]
-    gx = (g.reshape(B, C, -1) - g_mean.view(1, -1, 1)).mul_(a.view(1, -1, 1))
+    gv, g_mean = g.reshape(B, C, -1), g_mean.view(1, -1, 1)
+    gx = (gv.sub_(g_mean) if overwrite else gv - g_mean).mul_(a.view(1, -1, 1))
     gx.addcmul_(at_max, w_max.unsqueeze(-1))  # + w where x is the max, exactly
     gx.addcmul_(at_min, w_min.unsqueeze(-1), value=-1)
     return gx.view(g.shape)
@@ -200,12 +203,14 @@ class RangeBNFn(torch.autograd.Function):
         gy = gy.contiguous()
         B, C = gy.shape[:2]
         n = gy.numel() // C
+        # x_hat and g are overwritten once used where they are this function's own tensors:
+        # fewer new activation-sized buffers, whose pages a CPU must fault in and zero
         x_hat = _load(src, scale, zero_point)
         g = quantize_grad(gy, ctx.grad)[0]
-        s_g, s_gx = _grad_sums(x_hat, g, mean)
         xv = x_hat.reshape(B, C, -1)
         at_max, at_min = _equal(xv, t_max), _equal(xv, t_min)  # ties share the range's gradient
         n_max, n_min = at_max.sum(-1), at_min.sum(-1)  # (B, C)
+        s_g, s_gx = _grad_sums(x_hat, g, mean, overwrite=x_hat is not src)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
@@ -219,7 +224,8 @@ class RangeBNFn(torch.autograd.Function):
         per_chunk = cmax.new_zeros(cmax.shape)
         w_max = w / per_chunk.index_add(0, chunk, n_max)[chunk]  # ties counted per chunk
         w_min = w / per_chunk.index_add(0, chunk, n_min)[chunk]
-        gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min)
+        gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min,
+                         overwrite=g is not gy)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 
