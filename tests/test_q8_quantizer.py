@@ -230,3 +230,21 @@ def test_fake_quant_is_the_dequantized_code_to_the_bit(bits, stochastic):
             assert torch.equal(fake_quant(x, scale, zero_point, bits, noise), want)
             if stochastic:  # the noise may also be overwritten in place
                 assert torch.equal(fake_quant(x, scale, zero_point, bits, noise, True), want)
+
+
+def test_qparams_of_one_range_on_the_host_is_the_tensor_arithmetic_to_the_bit():
+    """A 0-d range on a CPU takes NumPy's float32 scalar path: the same scale and zero point
+    bits as the tensor path (signed zeros, subnormals, overflow, inf and NaN included)."""
+    special = [0.0, -0.0, 1e-45, -1e-45, 1e-38, 1.0, -1.0, 2.5, -3.0, 1 / 3, 3.4e38, -3.4e38,
+               float("inf"), float("-inf"), float("nan")]
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor(special + (torch.randn(40, generator=g) * 10.0 ** torch.randint(
+        -40, 38, (40,), generator=g)).tolist())
+    for lo in values:
+        for hi in values:
+            for bits in (2, 8, 16):
+                host = qparams(lo, hi, bits)  # 0-d: host path
+                tensor = qparams(lo.view(1), hi.view(1), bits)
+                for a, b in zip(host, tensor, strict=True):
+                    assert a.dim() == 0 and a.dtype == b.dtype == torch.float32
+                    assert a.view(1).view(torch.int32) == b.view(torch.int32)
