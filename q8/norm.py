@@ -134,7 +134,7 @@ def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, overwrite: bool) -> tuple
     B, C = g.shape[:2]
     xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
     centred = xv.sub_(mean.view(1, -1, 1)) if overwrite else xv - mean.view(1, -1, 1)
-    g_x = torch.matmul(gv.unsqueeze(-2), centred.unsqueeze(-1)).view(B, C)  # batched dots
+    g_x = torch.bmm(gv.view(B * C, 1, -1), centred.view(B * C, -1, 1)).view(B, C)  # dots
     return gv.sum(-1), g_x
 
 
