@@ -30,7 +30,13 @@ def set_compile(enabled: bool | None) -> None:
 def compile_enabled() -> bool:
     if _state["enabled"] is not None:
         return _state["enabled"]
-    env = os.environ.get("Q8_COMPILE", "auto").lower()
+    return _from_env(os.environ.get("Q8_COMPILE", "auto").lower())
+
+
+@functools.lru_cache(maxsize=16)
+def _from_env(env: str) -> bool:
+    """Q8_COMPILE's meaning; cached: every quantizer call asks, and torch.cuda.is_available()
+    alone costs microseconds."""
     if env in ("0", "false", "no", "off"):
         return False
     if env in ("1", "true", "yes", "on"):

@@ -67,7 +67,8 @@ def _qparams_host(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         const = f32(1) if span == 0 else span  # a NaN range keeps a NaN scale
         scale = span / f32(2**bits - 2) if hi > lo else const
         zero_point = np.ceil(-lo0 / scale)
-    return torch.tensor(scale), torch.tensor(zero_point)
+    return (torch.scalar_tensor(float(scale), dtype=torch.float32),
+            torch.scalar_tensor(float(zero_point), dtype=torch.float32))
 
 
 def aminmax(x: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
