@@ -36,8 +36,8 @@ class GradSpec:
 
 
 @fused
-def _grad_pair(g: Tensor, bits: int | None, wbits: int | None,
-               noise: Tensor | None) -> tuple[Tensor, Tensor]:
+def _grad_pair(g: Tensor, bits: int | None, wbits: int | None, noise: Tensor | None,
+               need_data: bool, need_weight: bool) -> tuple[Tensor | None, Tensor | None]:
     lo, hi = torch.aminmax(g)
 
     def q(b: int | None, last: bool) -> Tensor:
@@ -46,17 +46,22 @@ def _grad_pair(g: Tensor, bits: int | None, wbits: int | None,
         scale, zero_point = qparams(lo, hi, b)
         return fake_quant(g, scale, zero_point, b, noise, consume_noise=last)
 
-    both = wbits == bits
-    g_data = q(bits, last=both or wbits is None)
-    return g_data, (g_data if both else q(wbits, last=True))
+    if wbits == bits:  # one copy serves both paths
+        g_q = q(bits, last=True)
+        return g_q, g_q
+    g_data = q(bits, last=not need_weight or wbits is None) if need_data else None
+    return g_data, (q(wbits, last=True) if need_weight else None)
 
 
-def quantize_grad(g: Tensor, spec: GradSpec) -> tuple[Tensor, Tensor]:
-    """g_l for dL/dx (grad_bits) and its copy for dL/dW (wgrad_bits), from one min/max pass.
+def quantize_grad(g: Tensor, spec: GradSpec, need_data: bool = True,
+                  need_weight: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """g_l for dL/dx (grad_bits) and its copy for dL/dW (wgrad_bits), from one min/max pass;
+    a copy the backward does not need is None (the stem's dL/dx, a frozen layer's dL/dW).
     Both copies round with the same noise draw; each is unbiased on its own."""
     if spec.bits is None and spec.wbits is None:
         return g, g
-    return _grad_pair(g, spec.bits, spec.wbits, rounding_noise(g, spec.rounding))
+    noise = rounding_noise(g, spec.rounding)  # drawn even for one copy: the same stream
+    return _grad_pair(g, spec.bits, spec.wbits, noise, need_data, need_weight)
 
 
 def quantize_input(x: Tensor, bits: int | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, tuple]:
@@ -122,7 +127,7 @@ class BifurcatedLayerFn(torch.autograd.Function):
         weight, w_qp = saved[ctx.n_x], saved[ctx.n_x + 1 :]
         w_hat = requantize_weight(weight, spec.weight_bits, w_qp)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g_data, g_w = quantize_grad(gy, spec.grad)
+        g_data, g_w = quantize_grad(gy, spec.grad, need_x, need_w or need_b)
         gx = gw = gb = None
         if spec.stride is None:  # linear over any leading dims: (..., in) -> (..., out)
             if need_x:

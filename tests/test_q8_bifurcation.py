@@ -151,3 +151,27 @@ def test_fp32_state_dict_loads_strictly_into_a_twin():
     ref, q = conv_pair(QuantConfig())
     q.load_state_dict(ref.state_dict(), strict=True)
     assert set(ref.state_dict()) < set(q.state_dict())
+
+
+@pytest.mark.parametrize("wgrad_bits", [16, 8, None])
+def test_a_copy_the_backward_does_not_need_is_skipped_and_changes_nothing(wgrad_bits):
+    """The stem's input needs no dL/dx and a frozen layer no dL/dW: that copy of g_l is not
+    quantized, and the other path gets the same floats (the same noise draw) as before."""
+    config = QuantConfig(grad_bits=8, wgrad_bits=wgrad_bits, grad_rounding="stochastic")
+    _, q = conv_pair(config)
+    x, g = torch.randn(8, 16, 10, 10), torch.randn(8, 32, 10, 10)
+
+    def run(x_grad: bool, w_grad: bool):
+        q.zero_grad()
+        q.weight.requires_grad_(w_grad)
+        q.bias.requires_grad_(w_grad)
+        xi = x.clone().requires_grad_(x_grad)
+        torch.manual_seed(1)
+        q(xi).backward(g)
+        return xi.grad, q.weight.grad
+
+    gx_both, gw_both = run(True, True)
+    gx_only, no_gw = run(True, False)
+    no_gx, gw_only = run(False, True)
+    assert no_gw is None and no_gx is None
+    assert torch.equal(gx_only, gx_both) and torch.equal(gw_only, gw_both)
