@@ -101,9 +101,15 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
 DIVERGED = re.compile(r"non-finite value at step (\d+)")
 
 
+def result_file(directory: Path) -> Path | None:
+    """A run's result: its metrics.json, or diverged.json ({"seed", "step"}) for a run that
+    diverged (a result too, at low bit widths); None while it has not finished."""
+    return next((p for p in (directory / "metrics.json", directory / "diverged.json")
+                 if p.is_file()), None)
+
+
 def finished(directory: Path) -> bool:
-    """A run that wrote its metrics, or one that diverged (a result too, at low bit widths)."""
-    return (directory / "metrics.json").is_file() or (directory / "diverged.json").is_file()
+    return result_file(directory) is not None
 
 
 def train(out: Path, config: Config, seed: int, extra: list[str]) -> tuple[Path, float, str]:
@@ -156,11 +162,9 @@ def load(out: Path, configs: list[Config],
     runs: dict[str, list[dict]] = {}
     for c in configs:
         for s in seeds[c.name]:
-            for name in ("metrics.json", "diverged.json"):  # diverged: {"seed", "step"}
-                path = run_dir(out, c, s) / name
-                if path.is_file():
-                    runs.setdefault(c.name, []).append(json.loads(path.read_text()))
-                    break
+            path = result_file(run_dir(out, c, s))
+            if path is not None:
+                runs.setdefault(c.name, []).append(json.loads(path.read_text()))
     return runs
 
 
