@@ -44,7 +44,7 @@ def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     A constant slice c (zero range) gets s = |c| (1 if c == 0), which represents c exactly;
     |c| is hi0 - lo0 there.
     """
-    if lo.dim() == 0 and lo.device.type == "cpu" and not torch.compiler.is_compiling():
+    if lo.dim() == 0 and _host_readable(lo):
         return _qparams_host(lo, hi, bits)
     lo0, hi0 = lo.clamp(max=0), hi.clamp(min=0)
     span = hi0 - lo0
@@ -52,6 +52,12 @@ def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     scale = torch.where(hi > lo, span / (2**bits - 2), const)
     zero_point = torch.ceil(-lo0 / scale)
     return scale, zero_point
+
+
+def _host_readable(t: Tensor) -> bool:
+    """Whether reading t's values out to Python is cheap: in eager PyTorch on a CPU. (A GPU
+    would wait for the device; a compiled graph cannot trace it.)"""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _qparams_host(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -114,7 +120,7 @@ def _clamp_shifted(y: Tensor, zero_point: Tensor, bits: int) -> Tensor:
     Eager PyTorch on a CPU clamps by tensors ~15x slower than by numbers, so a single zero
     point is read out there."""
     top = 2**bits - 1
-    if zero_point.numel() == 1 and y.device.type == "cpu" and not torch.compiler.is_compiling():
+    if zero_point.numel() == 1 and _host_readable(zero_point):
         z = zero_point.item()
         return y.clamp_(-z, top - z)
     return torch.clamp(y, -zero_point, top - zero_point, out=y)
