@@ -189,6 +189,7 @@ class RangeBNFn(torch.autograd.Function):
         b = -mean * a + (bias if bias is not None else 0)
         y = _affine(x_hat, a, b)
         ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
+        ctx.sizes = sizes
         ctx.group = group
         if len(saved_x) == 1:
             saved_x = (saved_x[0], None, None)
@@ -221,9 +222,8 @@ class RangeBNFn(torch.autograd.Function):
         # the mean's gradient centres g; S's flows to each chunk's max and min.
         grad_sigma = -gamma * sum_gx / S * (sigma / S)  # (C,)
         w = grad_sigma * coef[chunk, None]  # (B, C): dL/d(range of the sample's chunk)
-        per_chunk = cmax.new_zeros(cmax.shape)
-        w_max = w / per_chunk.index_add(0, chunk, n_max)[chunk]  # ties counted per chunk
-        w_min = w / per_chunk.index_add(0, chunk, n_min)[chunk]
+        w_max = w / _per_chunk(n_max, ctx.sizes, torch.sum)[chunk]  # ties counted per chunk
+        w_min = w / _per_chunk(n_min, ctx.sizes, torch.sum)[chunk]
         gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min,
                          overwrite=g is not gy)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
