@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from q8 import cpu_kernels
 from q8.compile import fused
 from q8.quantizer import (
     QTensor,
@@ -61,19 +62,35 @@ def quantize_grad(g: Tensor, spec: GradSpec, need_data: bool = True,
     if spec.bits is None and spec.wbits is None:
         return g, g
     noise = rounding_noise(g, spec.rounding)  # drawn even for one copy: the same stream
+    if spec.bits is not None and spec.wbits is not None and cpu_kernels.usable(g):
+        return cpu_kernels.ops().grad_pair(g.contiguous(), spec.bits, spec.wbits, _seed(noise),
+                                           noise is not None, need_data, need_weight)
     return _grad_pair(g, spec.bits, spec.wbits, noise, need_data, need_weight)
+
+
+def _seed(noise: Tensor | None) -> int:
+    """The CPU kernels' hash seed: rounding_noise's 0-d seed, or 0 for nearest rounding."""
+    return 0 if noise is None else int(noise)
 
 
 def quantize_input(x: Tensor, bits: int | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, tuple]:
     """x_hat for the forward and what backward must keep: 8-bit codes (or x itself if fp32)."""
     if bits is None:
         return x, (x,)
-    codes, x_hat, scale, zero_point = quantize_codes(x, lo, hi, bits)
+    if bits <= 8 and cpu_kernels.usable(x):
+        codes, x_hat, scale, zero_point = cpu_kernels.ops().quantize_codes(x.contiguous(), lo,
+                                                                           hi, bits)
+    else:
+        codes, x_hat, scale, zero_point = quantize_codes(x, lo, hi, bits)
     return x_hat, (codes, scale, zero_point)
 
 
 def restore_input(saved: tuple) -> Tensor:
-    return saved[0] if len(saved) == 1 else QTensor(*saved).dequantize()
+    if len(saved) == 1:
+        return saved[0]
+    if saved[0].dtype == torch.uint8 and cpu_kernels.usable(saved[0]):
+        return cpu_kernels.ops().dequantize(*saved)
+    return QTensor(*saved).dequantize()
 
 
 def quantize_weight(w: Tensor, bits: int | None, per_channel: bool) -> tuple[Tensor, tuple]:
@@ -81,12 +98,19 @@ def quantize_weight(w: Tensor, bits: int | None, per_channel: bool) -> tuple[Ten
     scale rather than keeping a copy: W is alive anyway, so the weights cost no saved memory."""
     if bits is None:
         return w, ()
+    if cpu_kernels.usable(w) and w.is_contiguous():
+        w_hat, scale = cpu_kernels.ops().quantize_weight(w.detach(), bits, per_channel)
+        return w_hat, (scale,)
     scale, _ = qparams(*aminmax(w.detach(), 0 if per_channel else None), bits)
     return fake_quant_own_range(w, scale), (scale,)
 
 
 def requantize_weight(w: Tensor, bits: int | None, qp: tuple) -> Tensor:
-    return w if bits is None else fake_quant_own_range(w, *qp)
+    if bits is None:
+        return w
+    if cpu_kernels.usable(w) and w.is_contiguous():
+        return cpu_kernels.ops().requantize_weight(w.detach(), *qp)
+    return fake_quant_own_range(w, *qp)
 
 
 @dataclass(frozen=True)
@@ -190,15 +214,21 @@ class ReLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, inplace: bool):  # noqa: ANN001, ANN205
-        y = x.clamp_(min=0) if inplace else x.clamp(min=0)
         if inplace:
             ctx.mark_dirty(x)
+        if cpu_kernels.usable(x) and x.is_contiguous():  # y and the mask in one pass
+            y = x if inplace else torch.empty_like(x)
+            ctx.save_for_backward(cpu_kernels.ops().relu_pack(x, y))
+            return y
+        y = x.clamp_(min=0) if inplace else x.clamp(min=0)
         ctx.save_for_backward(_pack_positive(y))
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         (packed,) = ctx.saved_tensors
+        if cpu_kernels.usable(gy):
+            return cpu_kernels.ops().relu_mask_grad(gy.contiguous(), packed), None
         return _mask_grad(gy.contiguous(), packed), None
 
 

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from q8 import cpu_kernels
 from q8.compile import fused
 from q8.config import QuantConfig
 from q8.functional import GradSpec, quantize_grad, quantize_input, restore_input
 from q8.layers import _TWINS, ActRangeMixin
-from q8.quantizer import dequantize, fake_quantize
+from q8.quantizer import dequantize, fake_quantize, rounding_noise
 
 
 @functools.lru_cache(maxsize=4096)
@@ -170,10 +171,17 @@ class RangeBNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum,  # noqa: ANN001, ANN205
                 act_bits, grad: GradSpec, spec: RangeSpec, group=None):  # noqa: ANN001
-        x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
         B, C = x.shape[:2]
         spatial = x.numel() // (B * C)
-        ssum, smin, smax = _sample_stats(x_hat)
+        # q8's CPU kernels: the codes and per-sample statistics in one pass; y from the codes
+        native = act_bits is not None and act_bits <= 8 and cpu_kernels.usable(x)
+        if native:
+            codes, scale, zero_point, ssum, smin, smax = cpu_kernels.ops().range_bn_stats(
+                x.contiguous(), x_lo, x_hi, act_bits)
+            saved_x = (codes, scale, zero_point)
+        else:
+            x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
+            ssum, smin, smax = _sample_stats(x_hat)
         mean = ssum.sum(0) / (B * spatial)
         sizes = chunk_sizes(B, spatial, spec.chunks)
         sigma, cmax, cmin, coef, chunk = range_std(smin, smax, sizes, spatial, spec)
@@ -187,7 +195,11 @@ class RangeBNFn(torch.autograd.Function):
         gamma = weight if weight is not None else torch.ones_like(S)
         a = gamma / S
         b = -mean * a + (bias if bias is not None else 0)
-        y = _affine(x_hat, a, b)
+        if native:
+            y = cpu_kernels.ops().range_bn_affine(codes, scale, zero_point, a.contiguous(),
+                                                  b.contiguous())
+        else:
+            y = _affine(x_hat, a, b)
         ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
         ctx.sizes = sizes
         ctx.group = group
@@ -204,14 +216,22 @@ class RangeBNFn(torch.autograd.Function):
         gy = gy.contiguous()
         B, C = gy.shape[:2]
         n = gy.numel() // C
-        # x_hat and g are overwritten once used where they are this function's own tensors:
-        # fewer new activation-sized buffers, whose pages a CPU must fault in and zero
-        x_hat = _load(src, scale, zero_point)
-        g = quantize_grad(gy, ctx.grad)[0]
-        xv = x_hat.reshape(B, C, -1)
-        at_max, at_min = _equal(xv, t_max), _equal(xv, t_min)  # ties share the range's gradient
-        n_max, n_min = at_max.sum(-1), at_min.sum(-1)  # (B, C)
-        s_g, s_gx = _grad_sums(x_hat, g, mean, overwrite=x_hat is not src)
+        bits = ctx.grad.bits
+        native = src.dtype == torch.uint8 and bits is not None and cpu_kernels.usable(gy)
+        if native:  # q8's CPU kernels: two passes, g_l rebuilt in the second from its seed
+            noise = rounding_noise(gy, ctx.grad.rounding)
+            seed, stochastic = (0, False) if noise is None else (int(noise), True)
+            s_g, s_gx, n_max, n_min, g_lo, g_hi = cpu_kernels.ops().range_bn_grad_sums(
+                src, scale, zero_point, gy, mean, t_max, t_min, bits, seed, stochastic)
+        else:
+            # x_hat and g are overwritten once used where they are this function's own
+            # tensors: fewer new activation-sized buffers, whose pages a CPU must fault in
+            x_hat = _load(src, scale, zero_point)
+            g = quantize_grad(gy, ctx.grad)[0]
+            xv = x_hat.reshape(B, C, -1)
+            at_max, at_min = _equal(xv, t_max), _equal(xv, t_min)  # ties share the gradient
+            n_max, n_min = at_max.sum(-1), at_min.sum(-1)  # (B, C)
+            s_g, s_gx = _grad_sums(x_hat, g, mean, overwrite=x_hat is not src)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
@@ -224,8 +244,14 @@ class RangeBNFn(torch.autograd.Function):
         w = grad_sigma * coef[chunk, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / _per_chunk(n_max, ctx.sizes, torch.sum)[chunk]  # ties counted per chunk
         w_min = w / _per_chunk(n_min, ctx.sizes, torch.sum)[chunk]
-        gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min,
-                         overwrite=g is not gy)
+        if native:
+            gx = cpu_kernels.ops().range_bn_grad_input(
+                src, scale, zero_point, gy, g_lo, g_hi, bits, seed, stochastic,
+                (gamma / S).contiguous(), (sum_g / n).contiguous(), t_max, t_min,
+                w_max.contiguous(), w_min.contiguous())
+        else:
+            gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min,
+                             overwrite=g is not gy)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
                 None, None, None, None, None, None, None, None, None)
 

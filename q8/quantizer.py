@@ -5,7 +5,9 @@
           q = clamp(floor(x / s + u) + z, 0, 2^B - 1)  stochastic, u ~ U[0, 1): E[x_hat] = x
     value x_hat = (q - z) * s
 
-u is drawn at 16-bit resolution (`uniform16`), so E[x_hat] = x up to 2^-17 of a step.
+u is drawn at 16-bit resolution by PyTorch's generator (`uniform16`), or hashed from the element
+index and a drawn seed at 24-bit resolution by the fused kernels (`uniform_hash`: torch.compile,
+q8.cpu_kernels), so E[x_hat] = x up to 2^-17 of a step.
 
 Non-finite input propagates: a NaN or inf in a tensor (or slice) makes its range non-finite and
 every quantized value of it NaN, so a divergence is seen at the loss, never hidden as finite
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from q8 import cpu_kernels
 from q8.compile import compile_enabled, fused
 
 
@@ -189,11 +192,12 @@ def uniform16(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
 
 def rounding_noise(x: Tensor, rounding: str,
                    generator: torch.Generator | None = None) -> Tensor | None:
-    """What round_to_grid needs for `rounding`: None, U[0,1) samples (eager) or a hash seed
-    (fused kernels); both drawn from `generator` (default: torch's), so seeding reproduces."""
+    """What round_to_grid needs for `rounding`: None, U[0,1) samples (eager PyTorch ops) or a
+    hash seed (fused kernels: compiled, or q8's CPU kernels); both drawn from `generator`
+    (default: torch's), so seeding reproduces."""
     if rounding == "nearest":
         return None
-    if compile_enabled():
+    if compile_enabled() or cpu_kernels.usable(x):
         return torch.randint(0, 2**62, (), generator=generator, device=x.device)
     return uniform16(x, generator)
 
