@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q8  # noqa: E402
+from q8 import cpu_kernels  # noqa: E402
 
 
 def load_preset(name: str) -> q8.QuantConfig:
@@ -198,8 +199,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {threads} threads"
+    if q8.compile_enabled():
+        kernels = "torch.compile"
+    elif cpu_kernels.usable(torch.zeros(1, device=dev)):
+        kernels = "q8 CPU kernels"
+    else:
+        kernels = "PyTorch ops"
     header = (f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} on {where}, "
-              f"median of {args.steps} steps, q8 compile={'on' if q8.compile_enabled() else 'off'}"
+              f"median of {args.steps} steps, quantizers: {kernels}"
               "; time x fp32: median of paired step ratios (interquartile range)")
     print(header)
     cols = ["preset", "step ms", "x fp32", "img/s", "saved MiB", "x fp32", "peak MiB", "x fp32"]
