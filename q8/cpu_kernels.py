@@ -4,7 +4,7 @@ two passes over memory, in every core, with the rounding noise hashed in place.
 Eager PyTorch runs each step of a quantizer as its own pass and its own dispatcher call, and
 draws random numbers serially; torch.compile fuses them but costs more per call than it saves
 on a CPU. These kernels are compiled once on first use by torch.utils.cpp_extension (a C++
-compiler and ninja; ~10 s) and cached under TORCH_EXTENSIONS_DIR (default
+compiler and ninja; ~15 s) and cached under TORCH_EXTENSIONS_DIR (default
 ~/.cache/torch_extensions). Where they do not build, q8 warns once and runs its PyTorch ops.
 
 Q8_CPU_KERNELS=0 turns them off (q8.cpu_kernels.set_enabled(False) in a process); they are
@@ -86,6 +86,12 @@ def usable(x: Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.uint8) and enabled()
             and not compile_enabled() and not torch.compiler.is_compiling()
             and load() is not None)
+
+
+def noise_args(noise: Tensor | None) -> tuple[int, bool]:
+    """rounding_noise's result as the kernels take it: (hash seed, stochastic). With the
+    kernels on, noise is a 0-d seed, or None for nearest rounding."""
+    return (0, False) if noise is None else (int(noise), True)
 
 
 def ops() -> object:

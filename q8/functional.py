@@ -63,14 +63,9 @@ def quantize_grad(g: Tensor, spec: GradSpec, need_data: bool = True,
         return g, g
     noise = rounding_noise(g, spec.rounding)  # drawn even for one copy: the same stream
     if spec.bits is not None and spec.wbits is not None and cpu_kernels.usable(g):
-        return cpu_kernels.ops().grad_pair(g.contiguous(), spec.bits, spec.wbits, _seed(noise),
-                                           noise is not None, need_data, need_weight)
+        return cpu_kernels.ops().grad_pair(g.contiguous(), spec.bits, spec.wbits,
+                                           *cpu_kernels.noise_args(noise), need_data, need_weight)
     return _grad_pair(g, spec.bits, spec.wbits, noise, need_data, need_weight)
-
-
-def _seed(noise: Tensor | None) -> int:
-    """The CPU kernels' hash seed: rounding_noise's 0-d seed, or 0 for nearest rounding."""
-    return 0 if noise is None else int(noise)
 
 
 def quantize_input(x: Tensor, bits: int | None, lo: Tensor, hi: Tensor) -> tuple[Tensor, tuple]:

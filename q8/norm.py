@@ -219,8 +219,7 @@ class RangeBNFn(torch.autograd.Function):
         bits = ctx.grad.bits
         native = src.dtype == torch.uint8 and bits is not None and cpu_kernels.usable(gy)
         if native:  # q8's CPU kernels: two passes, g_l rebuilt in the second from its seed
-            noise = rounding_noise(gy, ctx.grad.rounding)
-            seed, stochastic = (0, False) if noise is None else (int(noise), True)
+            seed, stochastic = cpu_kernels.noise_args(rounding_noise(gy, ctx.grad.rounding))
             s_g, s_gx, n_max, n_min, g_lo, g_hi = cpu_kernels.ops().range_bn_grad_sums(
                 src, scale, zero_point, gy, mean, t_max, t_min, bits, seed, stochastic)
         else:
