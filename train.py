@@ -120,12 +120,16 @@ def check_checkpoint_matches(path: str, expected: dict[str, Any]) -> None:
             )
 
 
-def set_q8_compile(choice: Any, on_cuda: bool) -> None:
-    """`auto` compiles q8's kernels on CUDA only; true/false force it (q8.set_compile)."""
-    import q8
+def check_backend(quant: QuantConfig) -> None:
+    """A kernel backend named explicitly must run here (`auto` always does)."""
+    from q8.kernels import BackendUnavailable, load
 
-    if hasattr(q8, "set_compile"):
-        q8.set_compile(on_cuda if choice == "auto" else choice)
+    if quant.backend == "auto":
+        return
+    try:
+        load(quant.backend)
+    except BackendUnavailable as ex:
+        raise UsageError(f"quant.backend={quant.backend}: {ex}; use quant.backend=auto") from ex
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -142,10 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UsageError(
             f"test_weights={cfg.test_weights!r} is invalid: valid choices are best, final"
         )
-    if cfg.get("q8_compile", "auto") not in ("auto", True, False):
-        raise UsageError(
-            f"q8_compile={cfg.q8_compile!r} is invalid: valid choices are auto, true, false"
-        )
+    check_backend(quant)
 
     import lightning as L
     import torch
@@ -190,9 +191,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     extra = {"plugins": plugins} if plugins else {}
     trainer = instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra
-    )
-    set_q8_compile(
-        cfg.get("q8_compile", "auto"), on_cuda=trainer.strategy.root_device.type == "cuda"
     )
     for logger in loggers:
         logger.log_hyperparams(resolved)

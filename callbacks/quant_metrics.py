@@ -1,4 +1,4 @@
-"""What one quantization does to one tensor, on q8's own grid (q8.quantizer.qparams).
+"""What one quantization does to one tensor, on q8's own grid (q8.kernels.reference).
 
 All functions return 0-d tensors (no host sync); the callback turns a whole step's worth into
 floats at once. SQNR = 10 log10(E[x^2] / E[(x_hat - x)^2]), NaN when either side is zero
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from q8.quantizer import aminmax, qparams, round_to_grid, uniform16
+from q8.kernels.reference import codes, draw_seed, minmax, qparams
 
 
 def quant_error(
@@ -27,7 +27,7 @@ def quant_error(
     """
     x = x.detach().float()
     if lo is None or hi is None:
-        lo, hi = aminmax(x, dim)
+        lo, hi = minmax(x, dim)
     scale, zero_point = qparams(lo, hi, bits)
     codes = _codes(x, bits, scale, zero_point, rounding, generator)
     n = x.numel()
@@ -44,10 +44,10 @@ def quant_error(
 
 def _codes(x: Tensor, bits: int, scale: Tensor, zero_point: Tensor, rounding: str,
            generator: torch.Generator | None) -> Tensor:
-    """q8's codes of x (as float), eager and with the callback's own random stream, so that
-    measuring neither compiles kernels nor moves training's random numbers."""
-    noise = uniform16(x, generator) if rounding == "stochastic" else None
-    return round_to_grid(x, scale, zero_point, bits, noise)
+    """q8's codes of x (as float), by the reference kernels and with the callback's own random
+    stream, so that measuring does not move training's random numbers."""
+    seed = draw_seed(generator) if rounding == "stochastic" else None
+    return codes(x, scale, zero_point, bits, seed)
 
 
 def sqnr_db(power: Tensor, noise: Tensor) -> Tensor:

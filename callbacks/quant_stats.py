@@ -136,7 +136,9 @@ class QuantStatsCallback(Callback):
         self._handles: list[Any] = []
         self._step = -1  # the optimizer step being measured (once per step, when accumulating)
         self._histograms = False
-        self._generators: dict[torch.device, torch.Generator] = {}
+        # a private stream for stochastic rounding (seeds are drawn on the CPU whatever the
+        # device): measuring leaves training's random numbers alone
+        self._generator = torch.Generator().manual_seed(0)
         self._warned: set[str] = set()
         self._layers_logged = False
 
@@ -229,12 +231,6 @@ class QuantStatsCallback(Callback):
 
     # ---- measurements (0-d tensors; no host sync until the step ends)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """A private stream for stochastic rounding: measuring leaves training's RNG alone."""
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device).manual_seed(0)
-        return self._generators[device]
-
     def _put(self, probe: _Probe, prefix: str, what: str, values: dict[str, Tensor]) -> None:
         for k, v in values.items():
             probe.values[f"{prefix}/{probe.name}/{what}_{k}"] = v
@@ -255,7 +251,7 @@ class QuantStatsCallback(Callback):
         self._put(probe, "grads", "g", tensor_stats(g))
         if self._histograms:
             probe.hists[f"hist/{probe.name}/g"] = self._histogram(g)
-        gen = self._generator(g.device)
+        gen = self._generator
         if probe.grad_bits is not None:
             err = quant_error(g, probe.grad_bits, probe.rounding, generator=gen)
             self._put(probe, "quant", "grad", err)

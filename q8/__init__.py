@@ -1,13 +1,14 @@
 """q8: 8-bit training of neural networks (Banner et al., NeurIPS 2018) in plain PyTorch."""
 
-from q8.compile import compile_enabled, set_compile
 from q8.config import QuantConfig
+from q8.functional import fake_quantize
+from q8.kernels import BackendUnavailable, use_backend
 from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
 from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2, set_range_bn_sync
-from q8.quantizer import fake_quantize
 from q8.transform import QuantReport, quantize_model
 
 __all__ = [
+    "BackendUnavailable",
     "QuantBatchNorm2d",
     "QuantConfig",
     "QuantConv2d",
@@ -16,10 +17,9 @@ __all__ = [
     "QuantReLU",
     "QuantReport",
     "RangeBatchNorm2d",
-    "compile_enabled",
     "d2",
     "fake_quantize",
     "quantize_model",
-    "set_compile",
     "set_range_bn_sync",
+    "use_backend",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
+BACKENDS = ("auto", "reference", "cpu", "cuda")  # q8.kernels
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -49,6 +50,7 @@ class QuantConfig:
     range_bn_chunks: int = 16  # Range BN: mean range over this many chunks of the batch
     range_bn_scale: str = "exact"  # "exact": d2(n); "paper": 1/sqrt(2 ln n); "hoffer2018"
     skip: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names
+    backend: str = "auto"  # kernels (q8.kernels): auto | reference | cpu | cuda
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits"):
@@ -56,6 +58,7 @@ class QuantConfig:
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _check_choice("bn", self.bn, BN_TYPES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
+        _check_choice("backend", self.backend, BACKENDS)
         if self.wgrad_bits is not None and (
             self.grad_bits is None or self.wgrad_bits < self.grad_bits
         ):

@@ -17,6 +17,8 @@ from torch.overrides import TorchFunctionMode
 
 from q8.config import QuantConfig
 from q8.functional import BifurcatedLayerFn, GradSpec, LayerSpec, MaxPool2dFn, ReLUFn
+from q8.kernels import Kernels
+from q8.kernels.reference import minmax
 
 
 class ActRangeMixin:
@@ -24,29 +26,32 @@ class ActRangeMixin:
 
     Buffers `act_range` = [lo, hi] and `act_range_steps` go into the state dict; a state dict
     without them (e.g. an fp32 checkpoint) still loads: the range is then learnt afresh.
-    Twins built directly take the original's arguments plus `q8_config`.
+    Twins built directly take the original's arguments plus `q8_config`; `q8_kernels` is the
+    backend they run on (q8.kernels.Kernels of the config's backend).
     """
 
     def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._q8_setup(q8_config or QuantConfig())
+        config = q8_config or QuantConfig()
+        self._q8_setup(config, Kernels(config.backend))
 
-    def _q8_setup(self, config: QuantConfig) -> None:
-        self._q8_init_range(config)
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self._q8_init_range(config, kernels)
 
-    def _q8_init_range(self, config: QuantConfig) -> None:
-        self.q8_config = config
+    def _q8_init_range(self, config: QuantConfig, kernels: Kernels) -> None:
+        self.q8_config, self.q8_kernels = config, kernels
         w = next(iter(self._parameters.values()), None)
         device = w.device if w is not None else None
         self.register_buffer("act_range", torch.zeros(2, device=device))
         self.register_buffer("act_range_steps", torch.zeros((), dtype=torch.long, device=device))
 
     def _q8_input_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The [lo, hi] to quantize x with: the batch's in training, the running one in eval."""
+        """The [lo, hi] to quantize x with: the batch's in training, the running one in eval.
+        An empty batch leaves the running range as it is."""
         with torch.no_grad():
-            batch = torch.stack(torch.aminmax(x.detach())).float()
+            batch = torch.stack(minmax(x.detach())).float()
             seen = self.act_range_steps > 0
-            if self.training:
+            if self.training and x.numel() > 0:
                 m = self.q8_config.act_momentum
                 self.act_range.copy_(torch.where(seen, (1 - m) * self.act_range + m * batch, batch))
                 self.act_range_steps += 1
@@ -86,8 +91,8 @@ class QuantLayerMixin(ActRangeMixin):
 
     twin_prefix = "Quant"
 
-    def _q8_setup(self, config: QuantConfig) -> None:
-        self._q8_init_range(config)
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self._q8_init_range(config, kernels)
         grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
         self.q8_spec = LayerSpec(config.act_bits, config.weight_bits, config.per_channel_weights,
                                  grad)
@@ -98,7 +103,7 @@ class QuantLayerMixin(ActRangeMixin):
 
     def _q8_apply(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec) -> Tensor:
         lo, hi = self._q8_input_range(x) if spec.act_bits is not None else (None, None)
-        return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec)
+        return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec, self.q8_kernels)
 
     def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._q8_apply(x, weight, bias, self.q8_spec)
@@ -128,31 +133,34 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     """nn.Linear with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
 
 
-class QuantReLU(nn.ReLU):
-    """ReLU whose backward keeps a 1-bit mask instead of a float32 copy of its output."""
+class _KernelsMixin:
+    """A twin without quantized state: it only runs on its model's kernels."""
 
-    def _q8_setup(self, config: QuantConfig) -> None:
-        pass
+    q8_kernels = Kernels("auto")  # built directly; quantize_model sets the model's own
+
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self.q8_kernels = kernels
+
+
+class QuantReLU(_KernelsMixin, nn.ReLU):
+    """ReLU whose backward keeps a 1-bit mask instead of a float32 copy of its output."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and x.requires_grad):
             return F.relu(x, inplace=self.inplace)
-        return ReLUFn.apply(x, self.inplace)
+        return ReLUFn.apply(x, self.inplace, self.q8_kernels)
 
 
-class QuantMaxPool2d(nn.MaxPool2d):
+class QuantMaxPool2d(_KernelsMixin, nn.MaxPool2d):
     """MaxPool2d whose backward keeps the argmax as a uint8 window offset, not int64 indices."""
-
-    def _q8_setup(self, config: QuantConfig) -> None:
-        pass
 
     def forward(self, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and x.requires_grad) or self.return_indices:
             return super().forward(x)
-        k = _pair(self.kernel_size)
-        s = _pair(self.stride if self.stride is not None else self.kernel_size)
-        return MaxPool2dFn.apply(x, k, s, _pair(self.padding), _pair(self.dilation),
-                                 self.ceil_mode)
+        geometry = (_pair(self.kernel_size),
+                    _pair(self.stride if self.stride is not None else self.kernel_size),
+                    _pair(self.padding), _pair(self.dilation), self.ceil_mode)
+        return MaxPool2dFn.apply(x, geometry, self.q8_kernels)
 
 
 _TWINS: dict[tuple[type, type], type] = {}

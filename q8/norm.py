@@ -21,12 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from q8 import cpu_kernels
-from q8.compile import fused
 from q8.config import QuantConfig
-from q8.functional import GradSpec, quantize_grad, quantize_input, restore_input
+from q8.functional import GradSpec, fake_quantize
+from q8.kernels import Kernels
 from q8.layers import _TWINS, ActRangeMixin
-from q8.quantizer import dequantize, fake_quantize, rounding_noise
 
 
 @functools.lru_cache(maxsize=4096)
@@ -74,18 +72,6 @@ class RangeSpec:
     eps: float
 
 
-def _load(src: Tensor, scale: Tensor | None, zero_point: Tensor | None) -> Tensor:
-    """x_hat from its 8-bit codes (scale given) or x itself (fp32 input)."""
-    return src if scale is None else dequantize(src, scale, zero_point)
-
-
-@fused
-def _sample_stats(x_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per sample and channel (B, C): sum, min and max over the spatial positions."""
-    xv = x_hat.reshape(x_hat.shape[0], x_hat.shape[1], -1)
-    return xv.sum(-1), xv.amin(-1), xv.amax(-1)  # aminmax(dim=-1): ~10x slower on a CPU
-
-
 @functools.lru_cache(maxsize=256)
 def _chunk_tables(sizes: tuple[int, ...], spatial: int, rule: str, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -123,46 +109,9 @@ def estimate_std(x: Tensor, chunks: int = 16, rule: str = "exact") -> Tensor:
     """Range BN's per-channel estimate of the standard deviation of x (B, C, ...)."""
     B, C = x.shape[:2]
     spatial = x.numel() // (B * C)
-    _, smin, smax = _sample_stats(x)
+    smin, smax = x.flatten(2).amin(-1), x.flatten(2).amax(-1)
     sizes = chunk_sizes(B, spatial, chunks)
     return range_std(smin, smax, sizes, spatial, RangeSpec(chunks, rule, 0.0))[0]
-
-
-@fused
-def _grad_sums(x_hat: Tensor, g: Tensor, mean: Tensor, overwrite: bool) -> tuple[Tensor, Tensor]:
-    """Per sample and channel (B, C): sum of g and of g * (x_hat - mean); `overwrite`: x_hat
-    may be centred in place."""
-    B, C = g.shape[:2]
-    xv, gv = x_hat.reshape(B, C, -1), g.reshape(B, C, -1)
-    centred = xv.sub_(mean.view(1, -1, 1)) if overwrite else xv - mean.view(1, -1, 1)
-    g_x = torch.bmm(gv.view(B * C, 1, -1), centred.view(B * C, -1, 1)).view(B, C)  # dots
-    return gv.sum(-1), g_x
-
-
-def _equal(xv: Tensor, t: Tensor) -> Tensor:
-    """xv == t (t per sample and channel) as 0/1 floats, via x - t == 0 (the same for finite
-    floats): eager PyTorch on a CPU writes bool tensors, and mixes dtypes, several times slower
-    than it does float arithmetic."""
-    return (xv - t.unsqueeze(-1)).eq_(0)
-
-
-@fused
-def _grad_input(g: Tensor, a: Tensor, g_mean: Tensor, at_max: Tensor, at_min: Tensor,
-                w_max: Tensor, w_min: Tensor, overwrite: bool) -> Tensor:
-    """dL/dx = a * (g - mean(g)) + the range's gradient at each chunk's max and min;
-    `overwrite`: computed in g's memory."""
-    B, C = g.shape[:2]
-    gv, g_mean = g.reshape(B, C, -1), g_mean.view(1, -1, 1)
-    gx = (gv.sub_(g_mean) if overwrite else gv - g_mean).mul_(a.view(1, -1, 1))
-    gx.addcmul_(at_max, w_max.unsqueeze(-1))  # + w where x is the max, exactly
-    gx.addcmul_(at_min, w_min.unsqueeze(-1), value=-1)
-    return gx.view(g.shape)
-
-
-@fused
-def _affine(x_hat: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    shape = [1, -1] + [1] * (x_hat.dim() - 2)
-    return torch.addcmul(b.view(shape), x_hat, a.view(shape))
 
 
 class RangeBNFn(torch.autograd.Function):
@@ -170,18 +119,11 @@ class RangeBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum,  # noqa: ANN001, ANN205
-                act_bits, grad: GradSpec, spec: RangeSpec, group=None):  # noqa: ANN001
+                act_bits, grad: GradSpec, spec: RangeSpec, group, kernels: Kernels):  # noqa: ANN001
+        k = kernels.on(x)
         B, C = x.shape[:2]
         spatial = x.numel() // (B * C)
-        # q8's CPU kernels: the codes and per-sample statistics in one pass; y from the codes
-        native = act_bits is not None and act_bits <= 8 and cpu_kernels.usable(x)
-        if native:
-            codes, scale, zero_point, ssum, smin, smax = cpu_kernels.ops().range_bn_stats(
-                x.contiguous(), x_lo, x_hi, act_bits)
-            saved_x = (codes, scale, zero_point)
-        else:
-            x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
-            ssum, smin, smax = _sample_stats(x_hat)
+        saved_x, ssum, smin, smax = k.range_bn_stats(x, x_lo, x_hi, act_bits)
         mean = ssum.sum(0) / (B * spatial)
         sizes = chunk_sizes(B, spatial, spec.chunks)
         sigma, cmax, cmin, coef, chunk = range_std(smin, smax, sizes, spatial, spec)
@@ -195,42 +137,25 @@ class RangeBNFn(torch.autograd.Function):
         gamma = weight if weight is not None else torch.ones_like(S)
         a = gamma / S
         b = -mean * a + (bias if bias is not None else 0)
-        if native:
-            y = cpu_kernels.ops().range_bn_affine(codes, scale, zero_point, a.contiguous(),
-                                                  b.contiguous())
-        else:
-            y = _affine(x_hat, a, b)
+        y = k.range_bn_affine(saved_x, a, b)
         ctx.grad, ctx.has_weight, ctx.has_bias = grad, weight is not None, bias is not None
-        ctx.sizes = sizes
-        ctx.group = group
-        if len(saved_x) == 1:
-            saved_x = (saved_x[0], None, None)
+        ctx.sizes, ctx.group, ctx.kernels, ctx.n_x = sizes, group, kernels, len(saved_x)
         ctx.save_for_backward(*saved_x, mean, sigma, S, gamma, cmax, cmin, coef, chunk)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
-        src, scale, zero_point, mean, sigma, S, gamma, cmax, cmin, coef, chunk = (
-            ctx.saved_tensors)
+        k = ctx.kernels.on(gy)
+        saved = ctx.saved_tensors
+        saved_x = saved[: ctx.n_x]
+        mean, sigma, S, gamma, cmax, cmin, coef, chunk = saved[ctx.n_x :]
         t_max, t_min = cmax[chunk], cmin[chunk]  # (B, C): each sample's chunk extremes
-        gy = gy.contiguous()
-        B, C = gy.shape[:2]
+        C = gy.shape[1]
         n = gy.numel() // C
-        bits = ctx.grad.bits
-        native = src.dtype == torch.uint8 and bits is not None and cpu_kernels.usable(gy)
-        if native:  # q8's CPU kernels: two passes, g_l rebuilt in the second from its seed
-            seed, stochastic = cpu_kernels.noise_args(rounding_noise(gy, ctx.grad.rounding))
-            s_g, s_gx, n_max, n_min, g_lo, g_hi = cpu_kernels.ops().range_bn_grad_sums(
-                src, scale, zero_point, gy, mean, t_max, t_min, bits, seed, stochastic)
-        else:
-            # x_hat and g are overwritten once used where they are this function's own
-            # tensors: fewer new activation-sized buffers, whose pages a CPU must fault in
-            x_hat = _load(src, scale, zero_point)
-            g = quantize_grad(gy, ctx.grad)[0]
-            xv = x_hat.reshape(B, C, -1)
-            at_max, at_min = _equal(xv, t_max), _equal(xv, t_min)  # ties share the gradient
-            n_max, n_min = at_max.sum(-1), at_min.sum(-1)  # (B, C)
-            s_g, s_gx = _grad_sums(x_hat, g, mean, overwrite=x_hat is not src)
+        bits, seed = ctx.grad.bits, ctx.grad.seed()
+        # g = gy quantized (rebuilt from the same seed in both passes); sums over each plane
+        s_g, s_gx, n_max, n_min, g_lo, g_hi = k.range_bn_grad_sums(
+            saved_x, gy, mean, t_max, t_min, bits, seed)
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
@@ -243,16 +168,10 @@ class RangeBNFn(torch.autograd.Function):
         w = grad_sigma * coef[chunk, None]  # (B, C): dL/d(range of the sample's chunk)
         w_max = w / _per_chunk(n_max, ctx.sizes, torch.sum)[chunk]  # ties counted per chunk
         w_min = w / _per_chunk(n_min, ctx.sizes, torch.sum)[chunk]
-        if native:
-            gx = cpu_kernels.ops().range_bn_grad_input(
-                src, scale, zero_point, gy, g_lo, g_hi, bits, seed, stochastic,
-                (gamma / S).contiguous(), (sum_g / n).contiguous(), t_max, t_min,
-                w_max.contiguous(), w_min.contiguous())
-        else:
-            gx = _grad_input(g, gamma / S, sum_g / n, at_max, at_min, w_max, w_min,
-                             overwrite=g is not gy)
+        gx = k.range_bn_grad_input(saved_x, gy, g_lo, g_hi, bits, seed, gamma / S, sum_g / n,
+                                   t_max, t_min, w_max, w_min)
         return (gx, g_gamma if ctx.has_weight else None, g_beta if ctx.has_bias else None,
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def _all_reduce_stats(group, value_sum: Tensor, count: int, sigma: Tensor,  # noqa: ANN001
@@ -273,24 +192,25 @@ class QuantBNFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, running_mean, running_var, momentum, eps,  # noqa: ANN001, ANN205
-                act_bits, grad: GradSpec):  # noqa: ANN001
-        x_hat, saved_x = quantize_input(x, act_bits, x_lo, x_hi)
+                act_bits, grad: GradSpec, kernels: Kernels):  # noqa: ANN001
+        x_hat, saved_x = kernels.on(x).quantize_input(x, x_lo, x_hi, act_bits)
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x_hat, weight, bias, running_mean, running_var, True, momentum, eps)
-        ctx.grad, ctx.n_x, ctx.eps = grad, len(saved_x), eps
+        ctx.grad, ctx.n_x, ctx.eps, ctx.kernels = grad, len(saved_x), eps, kernels
         ctx.save_for_backward(*saved_x, weight, save_mean, save_invstd)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
+        k = ctx.kernels.on(gy)
         saved = ctx.saved_tensors
-        x_hat = restore_input(saved[: ctx.n_x])
+        x_hat = k.restore(saved[: ctx.n_x])
         weight, save_mean, save_invstd = saved[ctx.n_x :]
-        g = quantize_grad(gy, ctx.grad)[0]
+        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
         mask = [ctx.needs_input_grad[0], weight is not None, weight is not None]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, x_hat, weight, None, None, save_mean, save_invstd, True, ctx.eps, mask)
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 class QuantNormMixin(ActRangeMixin):
@@ -300,8 +220,8 @@ class QuantNormMixin(ActRangeMixin):
     twin_prefix = "Quant"
     q8_norm = "batchnorm"
 
-    def _q8_setup(self, config: QuantConfig) -> None:
-        self._q8_init_range(config)
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self._q8_init_range(config, kernels)
         # BN's output gradient is one 8-bit copy: bifurcation concerns the conv/linear GEMMs.
         self.q8_grad = GradSpec(config.grad_bits, config.grad_bits, config.grad_rounding)
         self.q8_range = RangeSpec(config.range_bn_chunks, config.range_bn_scale, self.eps)
@@ -320,10 +240,13 @@ class QuantNormMixin(ActRangeMixin):
         use_batch_stats = self.training or self.running_mean is None
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
+        if x.numel() == 0:  # an empty batch: an empty output, the statistics left alone
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
+                                             bias, use_batch_stats, 0.0, self.eps)
         lo, hi = self._q8_input_range(x) if cfg.act_bits is not None else (None, None)
         if not use_batch_stats:  # eval: running statistics, input still quantized
             if cfg.act_bits is not None:
-                x = _FakeQuantizeRange.apply(x, cfg.act_bits, lo, hi)
+                x = _FakeQuantizeRange.apply(x, cfg.act_bits, lo, hi, self.q8_kernels)
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
                                              bias, False, 0.0, self.eps)
         rm = self.running_mean if self.training else None
@@ -331,9 +254,9 @@ class QuantNormMixin(ActRangeMixin):
         m = self._q8_momentum() if self.training and self.track_running_stats else 0.0
         if self.q8_norm == "range":
             return RangeBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, cfg.act_bits, self.q8_grad,
-                                   self.q8_range, self._q8_sync_group())
+                                   self.q8_range, self._q8_sync_group(), self.q8_kernels)
         return QuantBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, self.eps, cfg.act_bits,
-                               self.q8_grad)
+                               self.q8_grad, self.q8_kernels)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._q8_normalize(x)
@@ -346,12 +269,12 @@ class _FakeQuantizeRange(torch.autograd.Function):
     """x quantized over a given [lo, hi] (eval-time running range), straight-through."""
 
     @staticmethod
-    def forward(ctx, x, bits, lo, hi):  # noqa: ANN001, ANN205
-        return quantize_input(x, bits, lo, hi)[0]
+    def forward(ctx, x, bits, lo, hi, kernels: Kernels):  # noqa: ANN001, ANN205
+        return kernels.on(x).quantize_input(x, lo, hi, bits)[0]
 
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
-        return g, None, None, None
+        return g, None, None, None, None
 
 
 class RangeNormMixin(QuantNormMixin):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from q8.config import QuantConfig
+from q8.kernels import Kernels
 from q8.layers import QuantLayerMixin, QuantMaxPool2d, QuantReLU, twin_class
 from q8.norm import QuantNormMixin, RangeNormMixin
 
@@ -51,7 +52,7 @@ def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     return None
 
 
-def _swap(module: nn.Module, cfg: QuantConfig) -> str | None:
+def _swap(module: nn.Module, cfg: QuantConfig, kernels: Kernels) -> str | None:
     """Turn `module` into its quantized twin in place; returns the new class name."""
     if type(module) is nn.ReLU:  # numerically identical; keeps a 1-bit mask for backward
         module.__class__ = QuantReLU
@@ -62,7 +63,7 @@ def _swap(module: nn.Module, cfg: QuantConfig) -> str | None:
         if mixin is None:
             return None
         module.__class__ = twin_class(mixin, type(module))
-        module._q8_setup(cfg)
+    module._q8_setup(cfg, kernels)
     return type(module).__name__
 
 
@@ -77,16 +78,20 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     BatchNorm2d (timm's BatchNormAct2d too) Range BN or quantized BN, ReLU and MaxPool2d twins
     that keep 1-bit / 8-bit state for backward. Modules whose name matches a `config.skip`
     pattern stay as they are. The report is `model.q8_report` and is logged.
+
+    Every twin runs on the kernels of `config.backend` (q8.kernels), resolved here: a backend
+    named explicitly that cannot run here raises q8.kernels.BackendUnavailable.
     """
     report = QuantReport(config)
     if not config.is_full_precision:
-        _convert(model, "", config, report)
+        _convert(model, "", config, Kernels(config.backend), report)
     model.q8_report = report
     log.info("%s", report.summary())
     return model
 
 
-def _convert(module: nn.Module, name: str, cfg: QuantConfig, report: QuantReport) -> None:
+def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
+             report: QuantReport) -> None:
     if name and any(fnmatch.fnmatchcase(name, p) for p in cfg.skip):
         report.kept.append((name, type(module).__name__, "skipped by config.skip"))
         return
@@ -94,10 +99,10 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, report: QuantReport
         report.kept.append((name, "MultiheadAttention", "its forward bypasses nn.Linear"))
         return
     old = type(module).__name__
-    new = _swap(module, cfg)
+    new = _swap(module, cfg, kernels)
     if new is not None:
         report.replaced.append((name, old, new))
     elif _has_own_params(module):
         report.kept.append((name, old, "no quantized twin in q8"))
     for child_name, child in module.named_children():
-        _convert(child, f"{name}.{child_name}" if name else child_name, cfg, report)
+        _convert(child, f"{name}.{child_name}" if name else child_name, cfg, kernels, report)

@@ -16,6 +16,7 @@ the drift that a ratio of two medians keeps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import q8  # noqa: E402
-from q8 import cpu_kernels  # noqa: E402
+from q8.kernels import BACKENDS, Kernels  # noqa: E402
 
 
 def load_preset(name: str) -> q8.QuantConfig:
@@ -46,6 +47,7 @@ def load_preset(name: str) -> q8.QuantConfig:
 
 
 def build(model_name: str, config: q8.QuantConfig, num_classes: int, device: str) -> nn.Module:
+    """The timm model quantized as `config` says (on its backend), on `device`."""
     import timm
 
     torch.manual_seed(0)
@@ -117,19 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps per preset")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (and compilation)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="q8's fused kernels (torch.compile); auto = where a compiler exists")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="q8's kernels (QuantConfig.backend); auto = the device's fastest")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one step per preset")
     args = p.parse_args(argv)
 
-    if args.compile != "auto":
-        q8.set_compile(args.compile == "on")
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     if "fp32" not in names:
         names.insert(0, "fp32")
-    configs = {n: load_preset(n) for n in names}
+    configs = {n: dataclasses.replace(load_preset(n), backend=args.backend) for n in names}
     dev = args.device
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(dev)
@@ -199,14 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {threads} threads"
-    if q8.compile_enabled():
-        kernels = "torch.compile"
-    elif cpu_kernels.usable(torch.zeros(1, device=dev)):
-        kernels = "q8 CPU kernels"
-    else:
-        kernels = "PyTorch ops"
+    kernels = Kernels(args.backend).on(x).name
     header = (f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} on {where}, "
-              f"median of {args.steps} steps, quantizers: {kernels}"
+              f"median of {args.steps} steps, q8 backend: {kernels}"
               "; time x fp32: median of paired step ratios (interquartile range)")
     print(header)
     cols = ["preset", "step ms", "x fp32", "img/s", "saved MiB", "x fp32", "peak MiB", "x fp32"]

@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from q8.functional import fake_quantize  # noqa: E402
 from q8.norm import estimate_std  # noqa: E402
-from q8.quantizer import fake_quantize  # noqa: E402
 
 RULES = ("exact", "paper", "hoffer2018")
 NS = (8, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1_000_000)

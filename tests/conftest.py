@@ -10,14 +10,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-# Eager kernels in tests: compiling every test's shapes costs minutes; the fused kernels have
-# their own equivalence tests (tests/test_q8_compile.py).
-os.environ.setdefault("Q8_COMPILE", "0")
+# Without a GPU, q8's Triton kernels (backend `cuda`) run under Triton's interpreter on CPU
+# tensors, so that their equivalence tests run everywhere. Set before q8.kernels.cuda is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -50,6 +52,28 @@ def compose_config(overrides: list[str], output_dir: Path | None = None) -> Dict
     with open_dict(cfg):
         del cfg["hydra"]  # as in a real run, the job's config has no `hydra` node
     return cfg
+
+
+def _backends() -> list[str]:
+    from q8.kernels import available
+
+    return available()
+
+
+BACKENDS = _backends()  # the q8 kernel backends that run here; each is built once, here
+FAST_BACKENDS = [b for b in BACKENDS if not (b == "cuda" and not torch.cuda.is_available())]
+
+
+def device_of(backend: str) -> str:
+    """The device of the tensors that `backend` runs on here."""
+    return "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=FAST_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each kernel backend that runs here at speed (the interpreted `cuda` backend is checked
+    op by op in tests/test_q8_kernels.py, too slowly for whole layers)."""
+    return request.param
 
 
 @pytest.fixture

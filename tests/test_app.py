@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import q8
@@ -22,16 +23,6 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 HAS_QUANTIZE_MODEL = hasattr(q8, "quantize_model")
 METRIC_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
-
-
-@pytest.fixture(autouse=True)
-def _eager_q8():
-    """These tests are about the application: skip compiling q8's kernels (seconds per shape)."""
-    if hasattr(q8, "set_compile"):
-        q8.set_compile(False)
-    yield
-    if hasattr(q8, "set_compile"):
-        q8.set_compile(None)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -159,7 +150,7 @@ def test_wandb_runs_offline_without_credentials(tiny_config, tmp_path: Path, mon
 
 
 def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "TRITON_INTERPRET")}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides],
         capture_output=True,
@@ -178,6 +169,7 @@ def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
         ("model.name=resnt18", r"'resnt18' is not a timm model; did you mean .*resnet18"),
         ("data.batch_size=0", r"data\.batch_size=0 is invalid: it must be an integer >= 1"),
         ("test_weights=last", r"test_weights='last' is invalid: valid choices are best, final"),
+        ("quant.backend=gpu", r"backend='gpu' is invalid: valid choices are auto, reference, cpu"),
     ],
 )
 def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> None:
@@ -189,6 +181,15 @@ def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> N
     import re
 
     assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs here")
+def test_an_unavailable_backend_is_one_clear_error() -> None:
+    result = _run_cli("quant.backend=cuda", "hydra.run.dir=/tmp/q8-never-created")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: quant.backend=cuda: backend 'cuda' needs a CUDA GPU "
+                     "(torch.cuda.is_available() is False); use quant.backend=auto"], lines
 
 
 def test_a_batch_the_model_cannot_train_on_fails_before_training(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def test_paired_ratio_is_the_median_of_side_by_side_ratios(load_script) -> None:
 def test_bench_prints_the_table_and_writes_json(load_script, tmp_path: Path, capsys) -> None:
     bench = load_script("bench")
     out = bench.main(["--batch", "4", "--image-size", "16", "--steps", "2", "--warmup", "1",
-                      "--compile", "off", "--json", str(tmp_path / "b.json")])
+                      "--backend", "auto", "--json", str(tmp_path / "b.json")])
     table = capsys.readouterr().out
     assert "| preset | step ms | x fp32 |" in table and "| q8_bifurcated |" in table
     saved = json.loads((tmp_path / "b.json").read_text())

@@ -47,7 +47,7 @@ def _env(**extra: str) -> dict[str, str]:
     """This environment without any launcher's or SLURM's variables, plus `extra`."""
     env = {k: v for k, v in os.environ.items()
            if k not in _LAUNCH_VARIABLES and not k.startswith("SLURM_")}
-    return {**env, "Q8_COMPILE": "0", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+    return {**env, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1", **extra}
 
 

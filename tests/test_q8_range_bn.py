@@ -1,4 +1,5 @@
-"""Range BN: an unbiased sigma estimate for every n, an exact gradient, and no NaN ever."""
+"""Range BN: an unbiased sigma estimate for every n, an exact gradient, and no NaN ever; the
+layer's tests run on each kernel backend."""
 
 import math
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from q8 import QuantBatchNorm2d, QuantConfig, RangeBatchNorm2d, d2
+from q8.functional import fake_quantize
 from q8.norm import MIN_CHUNK_VALUES, chunk_sizes, estimate_std, range_scale
+from tests.conftest import device_of
 
 FP = dict(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
 
@@ -41,21 +44,22 @@ def test_sigma_estimate_is_unbiased_for_every_n(shape):
     assert (est / sigma).mean().item() == pytest.approx(1.0, abs=0.02)
 
 
-def test_module_estimate_is_what_running_var_learns():
-    bn = RangeBatchNorm2d(64, momentum=1.0, q8_config=QuantConfig(**FP, bn="range"))
-    x = torch.randn(16, 64, 8, 8) * 3 + 1
+def test_module_estimate_is_what_running_var_learns(backend):
+    cfg = QuantConfig(weight_bits=None, grad_bits=None, wgrad_bits=None, backend=backend)
+    bn = RangeBatchNorm2d(64, momentum=1.0, q8_config=cfg).to(device_of(backend))
+    x = torch.randn(16, 64, 8, 8, device=device_of(backend)) * 3 + 1
     bn(x)
     assert bn.running_var.sqrt().mean().item() == pytest.approx(3.0, rel=0.02)
     assert bn.running_mean.mean().item() == pytest.approx(1.0, abs=0.05)
 
 
 @pytest.mark.parametrize("batch, spatial", [(5, 7), (1, 9), (3, 1), (1, 1), (17, 2), (64, 49)])
-def test_any_batch_shape_works(batch, spatial):
+def test_any_batch_shape_works(backend, batch, spatial):
     sizes = chunk_sizes(batch, spatial, 16)
     assert sum(sizes) == batch and len(sizes) <= 16
     assert len(sizes) == 1 or all(s * spatial >= MIN_CHUNK_VALUES for s in sizes)
-    bn = RangeBatchNorm2d(3, q8_config=QuantConfig())
-    x = torch.randn(batch, 3, spatial, 1, requires_grad=True)
+    bn = RangeBatchNorm2d(3, q8_config=QuantConfig(backend=backend)).to(device_of(backend))
+    x = torch.randn(batch, 3, spatial, 1, device=device_of(backend), requires_grad=True)
     y = bn(x)
     y.pow(2).sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
@@ -98,27 +102,62 @@ def test_backward_matches_autograd_of_the_definition(shape, rule):
     torch.testing.assert_close(bn.bias.grad, b2.grad)
 
 
-def test_small_batches_keep_normalised_values_bounded():
+@pytest.mark.parametrize("shape", [(8, 4, 5, 5), (3, 6, 2, 3), (70, 2, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantized_range_bn_is_the_definition_on_quantized_values(backend, shape, channels_last):
+    """With 8-bit input and g_l (nearest rounding), the layer computes the definition on
+    x_hat = fake_quantize(x) and its gradient for g_hat = fake_quantize(g): float32 against
+    float64 autograd, within float32's error of sums of n = B*H*W terms, n 2^-24 relative to
+    the sum of their magnitudes (Higham 2002, 4.2), here bounded by n times the largest."""
+    dev = device_of(backend)
+    cfg = QuantConfig(grad_rounding="nearest", range_bn_chunks=4, backend=backend)
+    bn = RangeBatchNorm2d(shape[1], q8_config=cfg).to(dev)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dev)
+    gy = torch.randn(shape, generator=g).to(dev)
+    if channels_last:
+        x, gy = (t.to(memory_format=torch.channels_last) for t in (x, gy))
+    xq = x.clone().requires_grad_(True)
+    y = bn(xq)
+    y.backward(gy)
+    x64 = fake_quantize(x, 8).double().requires_grad_(True)
+    w64, b64 = (p.detach().double().requires_grad_(True) for p in (bn.weight, bn.bias))
+    ref = reference_range_bn(x64, w64, b64, bn.q8_range)
+    ref.backward(fake_quantize(gy, 8).double())
+    n = shape[0] * shape[2] * shape[3]
+    for got, want in ((y, ref), (xq.grad, x64.grad), (bn.weight.grad, w64.grad),
+                      (bn.bias.grad, b64.grad)):
+        tol = 8 * n * 2.0**-24 * want.abs().max().item()
+        assert (got.double() - want.detach()).abs().max() <= tol
+
+
+def test_small_batches_keep_normalised_values_bounded(backend):
     # 4 samples at 1x1 (late EfficientNet blocks): one chunk, so |x_tilde| <= d2(4)
-    bn = RangeBatchNorm2d(512, q8_config=QuantConfig(**FP, bn="range"))
+    bn = RangeBatchNorm2d(512, q8_config=QuantConfig(backend=backend)).to(device_of(backend))
     torch.manual_seed(0)
-    y = bn(torch.randn(4, 512, 1, 1))
+    y = bn(torch.randn(4, 512, 1, 1, device=device_of(backend)))
     assert y.abs().max() <= d2(4) * (1 + 1e-5)
 
 
-def test_range_bn_matches_batchnorm_on_gaussian_input():
+def test_range_bn_matches_batchnorm_on_gaussian_input(backend):
     torch.manual_seed(0)
-    x = torch.randn(32, 8, 16, 16) * 2 - 1
-    rbn = RangeBatchNorm2d(8, q8_config=QuantConfig(**FP, bn="range"))
-    bn = torch.nn.BatchNorm2d(8)
+    dev = device_of(backend)
+    x = torch.randn(32, 8, 16, 16, device=dev) * 2 - 1
+    rbn = RangeBatchNorm2d(8, q8_config=QuantConfig(backend=backend)).to(dev)
+    bn = torch.nn.BatchNorm2d(8).to(dev)
     y, y_ref = rbn(x), bn(x)
-    # same normalisation up to the estimator's noise (a few % of sigma)
+    # same normalisation up to the estimator's noise (a few % of sigma) and 8-bit input
+    # rounding (|x_hat - x| <= s/2 of a 255-step grid over ~8 sigma: ~1.6% of sigma)
     assert (y - y_ref).pow(2).mean().sqrt() < 0.05
 
 
-def test_eval_uses_running_statistics():
-    bn = RangeBatchNorm2d(4, momentum=1.0, q8_config=QuantConfig(act_bits=None))
-    x = torch.randn(16, 4, 8, 8) * 2 + 3
+def test_eval_uses_running_statistics(backend):
+    cfg = QuantConfig(act_bits=None, backend=backend)
+    bn = RangeBatchNorm2d(4, momentum=1.0, q8_config=cfg).to(device_of(backend))
+    x = torch.randn(16, 4, 8, 8, device=device_of(backend)) * 2 + 3
     bn(x)
     bn.eval()
     want = (x - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var + bn.eps).sqrt().view(
@@ -127,22 +166,23 @@ def test_eval_uses_running_statistics():
 
 
 @pytest.mark.parametrize("cls", [RangeBatchNorm2d, QuantBatchNorm2d])
-def test_degenerate_inputs_never_give_nan(cls):
-    bn = cls(3, q8_config=QuantConfig())
+def test_degenerate_inputs_never_give_nan(backend, cls):
+    dev = device_of(backend)
+    bn = cls(3, q8_config=QuantConfig(backend=backend)).to(dev)
     for x in (torch.zeros(4, 3, 5, 5), torch.full((4, 3, 5, 5), 2.5), torch.randn(1, 3, 4, 4)):
-        x.requires_grad_(True)
+        x = x.to(dev).requires_grad_(True)
         y = bn(x)
         y.backward(torch.randn_like(y))
         assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
         y.detach().zero_()
-    x = torch.randn(4, 3, 5, 5, requires_grad=True)
-    bn(x).backward(torch.zeros(4, 3, 5, 5))  # all-zero gradient: zero range, no 0/0
+    x = torch.randn(4, 3, 5, 5, device=dev, requires_grad=True)
+    bn(x).backward(torch.zeros(4, 3, 5, 5, device=dev))  # all-zero gradient: no 0/0
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def test_range_bn_single_value_per_channel_is_finite():
-    bn = RangeBatchNorm2d(3, q8_config=QuantConfig())
-    x = torch.randn(1, 3, 1, 1, requires_grad=True)
+def test_range_bn_single_value_per_channel_is_finite(backend):
+    bn = RangeBatchNorm2d(3, q8_config=QuantConfig(backend=backend)).to(device_of(backend))
+    x = torch.randn(1, 3, 1, 1, device=device_of(backend), requires_grad=True)
     y = bn(x)
     y.sum().backward()
     # x - mean(x) is 0 up to float32 rounding of x, then divided by sqrt(eps)
@@ -152,14 +192,16 @@ def test_range_bn_single_value_per_channel_is_finite():
     assert torch.isfinite(x.grad).all()
 
 
-def test_quantized_batchnorm_gradients_are_8_bit_noisy_but_unbiased():
+def test_quantized_batchnorm_gradients_are_8_bit_noisy_but_unbiased(backend):
     torch.manual_seed(0)
-    x = torch.randn(16, 4, 6, 6)
-    g = torch.randn(16, 4, 6, 6)
-    bn = torch.nn.BatchNorm2d(4)
+    dev = device_of(backend)
+    x = torch.randn(16, 4, 6, 6, device=dev)
+    g = torch.randn(16, 4, 6, 6, device=dev)
+    bn = torch.nn.BatchNorm2d(4).to(dev)
     xr = x.clone().requires_grad_(True)
     bn(xr).backward(g)
-    qbn = QuantBatchNorm2d(4, q8_config=QuantConfig(act_bits=None, bn="batchnorm"))
+    cfg = QuantConfig(act_bits=None, bn="batchnorm", backend=backend)
+    qbn = QuantBatchNorm2d(4, q8_config=cfg).to(dev)
     draws = []
     for _ in range(200):
         xq = x.clone().requires_grad_(True)

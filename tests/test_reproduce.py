@@ -4,7 +4,6 @@ for real and checks parity loosely; the report is built from the runs' own files
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,6 @@ def test_fast_reproduction_trains_both_and_checks_parity(tmp_path: Path) -> None
     proc = subprocess.run(
         [sys.executable, "scripts/reproduce.py", "--fast", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env={**os.environ, "Q8_COMPILE": "0"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in ("fp32", "q8_bifurcated"):

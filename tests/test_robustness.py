@@ -52,7 +52,7 @@ def _threads_restored():
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "Q8_COMPILE": "0", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
 def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:

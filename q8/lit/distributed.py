@@ -41,9 +41,9 @@ class RangeBNSync(LayerSync):
 class PerRankRNG(L.Callback):
     """Independent random streams per rank, drawn from one common state.
 
-    Stochastic rounding draws its uniform noise from torch's default generator of the
-    tensor's device (q8.quantizer.rounding_noise). seed_everything() seeds every rank
-    alike, so without this every rank would add the same noise tensor u to its own g_l:
+    Stochastic rounding hashes its noise from seeds drawn from torch's default CPU generator
+    (q8.kernels.reference.draw_seed). seed_everything() seeds every rank alike, so without
+    this every rank would add the same noise u to its own g_l:
     the rounding errors of two ranks would be correlated (about 0.5 for uniformly
     spread fractions) and DDP's average over N ranks would not cut their variance by N.
     At the start of training each rank reseeds from a number drawn from the common state

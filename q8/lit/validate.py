@@ -41,7 +41,7 @@ def check_model_input(model: Any, datamodule: Any) -> None:
     import torch
     from torch import nn
 
-    from q8 import compile as q8_compile
+    import q8
 
     size = getattr(datamodule, "image_size", None)
     chans = getattr(datamodule, "in_chans", None)
@@ -62,10 +62,9 @@ def check_model_input(model: Any, datamodule: Any) -> None:
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ]
     was_training = model.training
-    compiled = q8_compile._state["enabled"]  # set_compile's setting (no public getter)
-    q8_compile.set_compile(False)  # compiling kernels for one CPU forward would take minutes
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+    try:  # the reference kernels: a run on a GPU builds no CPU kernels for this check
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), q8.use_backend(model,
+                                                                                "reference"):
             model.eval()
             model(torch.zeros(1, chans, size, size))
     except Exception as ex:  # timm's models raise many types for a shape they cannot take
@@ -75,7 +74,6 @@ def check_model_input(model: Any, datamodule: Any) -> None:
             f"channels): {type(ex).__name__}: {reason}; use an image size the model accepts"
         ) from ex
     finally:
-        q8_compile.set_compile(compiled)
         model.train(was_training)
         for h in handles:
             h.remove()

@@ -2,13 +2,15 @@
 //
 // Eager PyTorch runs every step of a quantizer (min/max, divide, add noise, floor, clamp,
 // rescale, cast) as its own pass and its own dispatcher call; these kernels run the chain per
-// element, in both cores (at::parallel_for), with the noise for stochastic rounding computed in
-// place from a counter-based hash of the element index and a seed (q8.quantizer.uniform_hash,
-// the same noise as the torch.compile path), so it needs neither a serial generator nor memory.
+// element, in every core (at::parallel_for), with the noise for stochastic rounding computed in
+// place from the counter-based hash of the element index and a seed, so that it needs neither a
+// serial generator nor memory.
 //
-// The maths is q8/quantizer.py's, element by element; tests/test_q8_cpu_kernels.py checks each
-// op against the PyTorch reference. Inputs are contiguous float32 CPU tensors (q8/cpu_kernels.py
-// checks that before calling); codes are uint8 (<= 8 bits).
+// Each op is the op of the same name in q8/kernels/reference.py, element by element and in the
+// same float operations, so the results are the reference's to the bit (Range BN's sums are
+// sums of integers, exact in any order). q8/kernels/cpu.py calls them with contiguous float32
+// CPU tensors; every op checks its arguments (device, dtype, layout, sizes) and raises a
+// c10::Error, never reading out of bounds. Codes are uint8 (<= 8 bits).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -37,20 +39,18 @@ constexpr int64_t kGrain = 1 << 15;  // elements per task: below this, one threa
 
 // ---- the quantizer ------------------------------------------------------------------------
 
-// qparams(lo, hi, bits) of q8/quantizer.py, and the clamp of fake_quant: codes minus the zero
-// point, clamp(y, -z, 2^B - 1 - z), times the scale.
+// qparams(lo, hi, bits) of the reference: scale s, zero point z, and the top code 2^B - 1.
 struct Grid {
-  float scale, zero_point, lo, hi;
+  float scale, zero_point, top;
 };
 
-Grid make_grid(float lo, float hi, int bits) {
+Grid make_grid(float lo, float hi, int64_t bits) {
   const float lo0 = lo > 0 ? 0.0f : lo;  // clamp(max=0): keeps -0.0 and NaN
   const float hi0 = hi < 0 ? 0.0f : hi;
   const float span = hi0 - lo0;
   const float constant = span == 0 ? 1.0f : span;  // a NaN range keeps a NaN scale
-  const float scale = hi > lo ? span / float((1 << bits) - 2) : constant;
-  const float z = std::ceil(-lo0 / scale);
-  return {scale, z, -z, float((1 << bits) - 1) - z};
+  const float scale = hi > lo ? span / float((int64_t(1) << bits) - 2) : constant;
+  return {scale, std::ceil(-lo0 / scale), float((int64_t(1) << bits) - 1)};
 }
 
 // U[0, 1) at 24-bit resolution from the lowbias32 hash of (index + seed) mod 2^32.
@@ -68,28 +68,43 @@ inline float clamp_nan(float y, float lo, float hi) {  // NaN passes, as torch.c
   return y < lo ? lo : (y > hi ? hi : y);
 }
 
-// out[i] = fake_quant(x[i]) = clamp(round(x/s), -z, 2^B-1-z) * s for i < n, rounding to
-// nearest (half to even, as torch.round) or stochastic: floor(x/s + u), u from element
-// base + i's hash. Simple loops, so that the compiler vectorizes them.
+// The code q = clamp(y + z, 0, 2^B - 1) of y = round(x / s) (or floor(x / s + u)), as a float.
+inline float code(float y, const Grid& g) { return clamp_nan(y + g.zero_point, 0.0f, g.top); }
+
+// out[i] = x_hat of x[i] = (q - z) * s for i < n, rounding to nearest (half to even, as
+// torch.round) or stochastically: floor(x/s + u), u from element base + i's hash. Simple
+// loops, so that the compiler vectorizes them.
 void fake_quant_run(const float* __restrict x, float* __restrict out, int64_t n, const Grid& g,
                     bool stochastic, int64_t base, int64_t seed) {
-  const float s = g.scale, lo = g.lo, hi = g.hi;
+  const float s = g.scale, z = g.zero_point;
   if (stochastic) {
     for (int64_t i = 0; i < n; ++i)
-      out[i] = clamp_nan(std::floor(hash_uniform(base + i, seed) + x[i] / s), lo, hi) * s;
+      out[i] = (code(std::floor(x[i] / s + hash_uniform(base + i, seed)), g) - z) * s;
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = clamp_nan(std::nearbyint(x[i] / s), lo, hi) * s;
+    for (int64_t i = 0; i < n; ++i) out[i] = (code(std::nearbyint(x[i] / s), g) - z) * s;
   }
 }
 
-// codes[i] = clamp(round(x/s) + z, 0, 2^B - 1) and x_hat[i] = (codes[i] - z) * s.
+// out[i] = q - z of x[i]: the integer of x_hat = (q - z) * s, as a float (exact: |q - z| < 2^16).
+void centred_code_run(const float* __restrict x, float* __restrict out, int64_t n, const Grid& g,
+                      bool stochastic, int64_t base, int64_t seed) {
+  const float s = g.scale, z = g.zero_point;
+  if (stochastic) {
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = code(std::floor(x[i] / s + hash_uniform(base + i, seed)), g) - z;
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = code(std::nearbyint(x[i] / s), g) - z;
+  }
+}
+
+// codes[i] = q of x[i], nearest, and x_hat[i] = (q - z) * s.
 void codes_run(const float* __restrict x, uint8_t* __restrict codes, float* __restrict x_hat,
                int64_t n, const Grid& g) {
-  const float s = g.scale, z = g.zero_point, lo = g.lo, hi = g.hi;
+  const float s = g.scale, z = g.zero_point;
   for (int64_t i = 0; i < n; ++i) {
-    const float y = clamp_nan(std::nearbyint(x[i] / s), lo, hi);
-    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(y + z));
-    x_hat[i] = y * s;
+    const float q = code(std::nearbyint(x[i] / s), g);
+    codes[i] = static_cast<uint8_t>(static_cast<int32_t>(q == q ? q : 0.0f));  // NaN: 0
+    x_hat[i] = (q - z) * s;
   }
 }
 
@@ -98,21 +113,36 @@ void dequantize_run(const uint8_t* __restrict codes, float* __restrict out, int6
   for (int64_t i = 0; i < n; ++i) out[i] = (float(codes[i]) - z) * s;
 }
 
-// Sum of v[0, n) in 8 float lanes (a loop the compiler vectorizes without reassociating),
-// added up in double.
-double lane_sum(const float* __restrict v, int64_t n) {
-  if (n < 8) {  // a 1x1 or 2x2 plane: no lanes to set up
-    double s = 0;
-    for (int64_t i = 0; i < n; ++i) s += v[i];
-    return s;
-  }
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Sums of integer-valued floats, exact in double (every partial sum is an integer below
+// 2^53): the order does not matter, so 8 lanes the compiler vectorizes give the reference's
+// bits. NaN propagates.
+double exact_sum(const float* __restrict v, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int j = 0; j < 8; ++j) acc[j] += v[i + j];
   double s = 0;
   for (; i < n; ++i) s += v[i];
   for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// sum of a[i] * b[i] for integer-valued a, b with |a b| < 2^24 (exact in float), exactly.
+double exact_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  double s = 0;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// sum of codes[0, n), exactly.
+int64_t code_sum(const uint8_t* __restrict codes, int64_t n) {
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += codes[i];
   return s;
 }
 
@@ -140,12 +170,12 @@ std::pair<float, float> lane_minmax(const float* __restrict v, int64_t n) {
   return {l, h};
 }
 
-float read_float(const Tensor& t) { return *t.const_data_ptr<float>(); }
-
 Tensor scalar(float v) { return at::scalar_tensor(v, at::kFloat); }
 
-// Min and max of n floats (NaN if any is), over blocks in every core.
+// Min and max of n floats (NaN if any is), over blocks in every core; (0, 0) for n = 0, as
+// the reference's minmax.
 std::pair<float, float> aminmax(const float* x, int64_t n) {
+  if (n == 0) return {0.0f, 0.0f};
   const int64_t blocks = (n + kGrain - 1) / kGrain;
   std::vector<float> lo(blocks), hi(blocks);
   at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
@@ -159,6 +189,35 @@ std::pair<float, float> aminmax(const float* x, int64_t n) {
 void check(const Tensor& t, at::ScalarType dtype, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.is_contiguous(),
               "q8 CPU kernel: ", name, " must be a contiguous CPU tensor of ", dtype);
+}
+
+void check_bits(int64_t bits, int64_t most) {
+  TORCH_CHECK(bits >= 2 && bits <= most, "q8 CPU kernel: bits must be in 2..", most, ", got ",
+              bits);
+}
+
+void check_numel(const Tensor& t, int64_t numel, const char* name) {
+  TORCH_CHECK(t.numel() == numel, "q8 CPU kernel: ", name, " must have ", numel,
+              " elements, has ", t.numel());
+}
+
+// A scalar argument (scale, zero point, range end): one float32 value on the CPU.
+float scalar_arg(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == 1,
+              "q8 CPU kernel: ", name, " must be one float32 value on the CPU");
+  return *t.const_data_ptr<float>();
+}
+
+// An activation of Range BN: (B, C, ...) with at least one value.
+void check_planes(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 2 && t.numel() > 0, "q8 CPU kernel: ", name,
+              " must be a non-empty (B, C, ...) tensor");
+}
+
+// A per-plane statistic (B, C) of x, or a per-channel one (C) when per_plane is false.
+void check_stat(const Tensor& t, const Tensor& x, bool per_plane, const char* name) {
+  check(t, at::kFloat, name);
+  check_numel(t, per_plane ? x.size(0) * x.size(1) : x.size(1), name);
 }
 
 // Over planes p = (sample, channel) of `spatial` values each, in blocks of whole planes of at
@@ -181,12 +240,15 @@ void for_planes(const Tensor& t, F body) {
 
 // ---- layer gradients: g_l for dL/dx (bits) and its copy for dL/dW (wbits) -----------------
 
-// quantize_grad's pair from one min/max pass and one pass writing both copies, sharing the
-// noise. A copy not needed is None; with bits == wbits one copy serves both paths.
+// grad_pair of the reference, both copies quantized: one min/max pass and one pass writing
+// both copies with the same noise. A copy not needed is None; with bits == wbits one tensor
+// serves both paths.
 std::tuple<std::optional<Tensor>, std::optional<Tensor>> grad_pair(
     const Tensor& g, int64_t bits, int64_t wbits, int64_t seed, bool stochastic,
     bool need_data, bool need_weight) {
   check(g, at::kFloat, "g");
+  check_bits(bits, 16);
+  check_bits(wbits, 16);
   const int64_t n = g.numel();
   const float* pg = g.const_data_ptr<float>();
   auto [lo, hi] = aminmax(pg, n);
@@ -201,19 +263,19 @@ std::tuple<std::optional<Tensor>, std::optional<Tensor>> grad_pair(
     if (pw) fake_quant_run(pg + b, pw + b, e - b, gw, stochastic, b, seed);
   });
   std::optional<Tensor> data, weight;
-  if (need_data) data = d;
-  if (need_weight) weight = shared ? d : w;
+  if (need_data || shared) data = d;
+  if (need_weight || shared) weight = shared ? d : w;
   return {data, weight};
 }
 
 // ---- activations ---------------------------------------------------------------------------
 
-// quantize_codes: nearest rounding over [lo, hi] -> (codes, x_hat, scale, zero point).
-std::tuple<Tensor, Tensor, Tensor, Tensor> quantize_codes(const Tensor& x, const Tensor& lo,
+// quantize_input: nearest rounding over [lo, hi] -> (codes, x_hat, scale, zero point).
+std::tuple<Tensor, Tensor, Tensor, Tensor> quantize_input(const Tensor& x, const Tensor& lo,
                                                           const Tensor& hi, int64_t bits) {
   check(x, at::kFloat, "x");
-  TORCH_CHECK(bits <= 8, "q8 CPU kernel: codes of more than 8 bits");
-  const Grid gr = make_grid(read_float(lo), read_float(hi), bits);
+  check_bits(bits, 8);
+  const Grid gr = make_grid(scalar_arg(lo, "lo"), scalar_arg(hi, "hi"), bits);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor x_hat = at::empty_like(x);
   const float* px = x.const_data_ptr<float>();
@@ -228,7 +290,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> quantize_codes(const Tensor& x, const
 // (code - z) * s
 Tensor dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zero_point) {
   check(codes, at::kByte, "codes");
-  const float s = read_float(scale), z = read_float(zero_point);
+  const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
   Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   const uint8_t* pc = codes.const_data_ptr<uint8_t>();
   float* po = out.mutable_data_ptr<float>();
@@ -240,56 +302,61 @@ Tensor dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zero_p
 
 // ---- weights ----------------------------------------------------------------------------------
 
-// round(w / s) * s with one s per row of w (output channel) or one s: fake_quant_own_range.
-Tensor requantize_weight(const Tensor& w, const Tensor& scale) {
+// W_hat = (q - z) * s, nearest, with one (s, z) per row of w (output channel) or one for all.
+Tensor requantize_weight(const Tensor& w, int64_t bits, const Tensor& scale,
+                         const Tensor& zero_point) {
   check(w, at::kFloat, "w");
   check(scale, at::kFloat, "scale");
-  const int64_t rows = scale.numel(), cols = w.numel() / rows;
-  TORCH_CHECK(rows == 1 || rows == w.size(0), "q8 CPU kernel: one scale per row of w");
+  check(zero_point, at::kFloat, "zero_point");
+  check_bits(bits, 16);
+  const int64_t rows = scale.numel();
+  TORCH_CHECK(w.dim() >= 1 && (rows == 1 || rows == w.size(0)) && zero_point.numel() == rows,
+              "q8 CPU kernel: one scale and zero point for w, or one per row of w");
   Tensor out = at::empty_like(w);
+  const int64_t cols = rows == 0 ? 0 : w.numel() / rows;
+  if (w.numel() == 0) return out;
   const float* pw = w.const_data_ptr<float>();
-  const float* ps = scale.const_data_ptr<float>();
+  const float *ps = scale.const_data_ptr<float>(), *pz = zero_point.const_data_ptr<float>();
   float* po = out.mutable_data_ptr<float>();
+  const float top = float((int64_t(1) << bits) - 1);
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const Grid g{ps[r], 0, -std::numeric_limits<float>::infinity(),
-                   std::numeric_limits<float>::infinity()};  // its own range: nothing clips
-      fake_quant_run(pw + r * cols, po + r * cols, cols, g, false, 0, 0);
-    }
+    for (int64_t r = b; r < e; ++r)
+      fake_quant_run(pw + r * cols, po + r * cols, cols, Grid{ps[r], pz[r], top}, false, 0, 0);
   });
   return out;
 }
 
-// quantize_weight: the scale from W's own range (per output channel or whole), then W_hat.
-std::tuple<Tensor, Tensor> quantize_weight(const Tensor& w, int64_t bits, bool per_channel) {
+// quantize_weight: (s, z) from W's own range (per output channel or whole), then W_hat.
+std::tuple<Tensor, Tensor, Tensor> quantize_weight(const Tensor& w, int64_t bits,
+                                                   bool per_channel) {
   check(w, at::kFloat, "w");
+  check_bits(bits, 16);
+  TORCH_CHECK(w.dim() >= 1 && w.numel() > 0, "q8 CPU kernel: w must be a non-empty tensor");
   const int64_t rows = per_channel ? w.size(0) : 1, cols = w.numel() / rows;
   std::vector<int64_t> shape(w.dim(), 1);
   if (per_channel) shape[0] = rows;
-  Tensor scale = per_channel ? at::empty(shape, w.options()) : at::empty({}, w.options());
+  auto opt = w.options();
+  Tensor scale = per_channel ? at::empty(shape, opt) : at::empty({}, opt);
+  Tensor zero_point = per_channel ? at::empty(shape, opt) : at::empty({}, opt);
   const float* pw = w.const_data_ptr<float>();
-  float* ps = scale.mutable_data_ptr<float>();
-  if (per_channel) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        auto [lo, hi] = lane_minmax(pw + r * cols, cols);
-        ps[r] = make_grid(lo, hi, bits).scale;
-      }
-    });
-  } else {
-    auto [lo, hi] = aminmax(pw, w.numel());
-    ps[0] = make_grid(lo, hi, bits).scale;
-  }
-  return {requantize_weight(w, scale), scale};
+  float *ps = scale.mutable_data_ptr<float>(), *pz = zero_point.mutable_data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / cols), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      auto [lo, hi] = per_channel ? lane_minmax(pw + r * cols, cols) : aminmax(pw, cols);
+      const Grid g = make_grid(lo, hi, bits);
+      ps[r] = g.scale, pz[r] = g.zero_point;
+    }
+  });
+  return {requantize_weight(w, bits, scale, zero_point), scale, zero_point};
 }
 
 // ---- ReLU: the output and a mask of 1 bit per element (bit i of byte k: element 8k + i) ------
 
-// y = relu(x) into `out` (x itself for an in-place ReLU); returns the mask of y != 0, as the
-// PyTorch path (NaN: set).
-Tensor relu_pack(const Tensor& x, const Tensor& out) {
+// y = relu(x) into `out` (x itself for an in-place ReLU); returns the mask of y > 0.
+Tensor relu(const Tensor& x, const Tensor& out) {
   check(x, at::kFloat, "x");
   check(out, at::kFloat, "out");
+  check_numel(out, x.numel(), "out");
   const int64_t n = x.numel(), bytes = (n + 7) / 8;
   Tensor packed = at::empty({bytes}, x.options().dtype(at::kByte));
   const float* px = x.const_data_ptr<float>();
@@ -302,22 +369,23 @@ Tensor relu_pack(const Tensor& x, const Tensor& out) {
 #ifdef __AVX2__
     for (; k < e && 8 * k + 8 <= n; ++k)  // bit j of the byte = lane j of the comparison
       pp[k] = uint8_t(_mm256_movemask_ps(
-          _mm256_cmp_ps(_mm256_loadu_ps(py + 8 * k), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+          _mm256_cmp_ps(_mm256_loadu_ps(py + 8 * k), _mm256_setzero_ps(), _CMP_GT_OQ)));
 #endif
     for (; k < e; ++k) {
       uint8_t m = 0;
-      for (int64_t i = 8 * k; i < std::min(8 * k + 8, n); ++i) m |= uint8_t(py[i] != 0) << (i - 8 * k);
+      for (int64_t i = 8 * k; i < std::min(8 * k + 8, n); ++i) m |= uint8_t(py[i] > 0) << (i - 8 * k);
       pp[k] = m;
     }
   });
   return packed;
 }
 
-// gx = gy * flag (1.0 or 0.0, as the PyTorch path: NaN * 0 stays NaN).
-Tensor relu_mask_grad(const Tensor& gy, const Tensor& packed) {
+// gx = gy where the mask is set, else 0.
+Tensor relu_backward(const Tensor& gy, const Tensor& packed) {
   check(gy, at::kFloat, "gy");
   check(packed, at::kByte, "packed");
   const int64_t n = gy.numel();
+  check_numel(packed, (n + 7) / 8, "packed");
   Tensor gx = at::empty_like(gy);
   const float* pg = gy.const_data_ptr<float>();
   const uint8_t* pp = packed.const_data_ptr<uint8_t>();
@@ -326,15 +394,14 @@ Tensor relu_mask_grad(const Tensor& gy, const Tensor& packed) {
     int64_t k = b;
 #ifdef __AVX2__
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 one = _mm256_set1_ps(1.0f);
     for (; k < e && 8 * k + 8 <= n; ++k) {
       const __m256i m = _mm256_and_si256(_mm256_set1_epi32(pp[k]), bit);
-      const __m256 flag = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(m, bit)), one);
-      _mm256_storeu_ps(po + 8 * k, _mm256_mul_ps(flag, _mm256_loadu_ps(pg + 8 * k)));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, bit));
+      _mm256_storeu_ps(po + 8 * k, _mm256_and_ps(keep, _mm256_loadu_ps(pg + 8 * k)));
     }
 #endif
     for (int64_t i = 8 * k; i < std::min(8 * e, n); ++i)
-      po[i] = float((pp[i >> 3] >> (i & 7)) & 1) * pg[i];
+      po[i] = (pp[i >> 3] >> (i & 7)) & 1 ? pg[i] : 0.0f;
   });
   return gx;
 }
@@ -345,9 +412,10 @@ Tensor relu_mask_grad(const Tensor& gy, const Tensor& packed) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(
     const Tensor& x, const Tensor& lo, const Tensor& hi, int64_t bits) {
   check(x, at::kFloat, "x");
-  TORCH_CHECK(bits <= 8, "q8 CPU kernel: codes of more than 8 bits");
+  check_planes(x, "x");
+  check_bits(bits, 8);
   const int64_t B = x.size(0), C = x.size(1);
-  const Grid gr = make_grid(read_float(lo), read_float(hi), bits);
+  const Grid gr = make_grid(scalar_arg(lo, "lo"), scalar_arg(hi, "hi"), bits);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor sum = at::empty({B, C}, x.options()), mn = at::empty({B, C}, x.options()),
          mx = at::empty({B, C}, x.options());
@@ -359,17 +427,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(
     const int64_t at = p0 * n;
     codes_run(px + at, pc + at, x_hat, (p1 - p0) * n, gr);
     for (int64_t p = p0; p < p1; ++p) {
-      const float* v = x_hat + (p - p0) * n;
-      if (n < 8) {  // 1x1 or 2x2 planes: one loop, no lanes (x_hat is finite or all NaN)
-        double sum_p = v[0];
-        float lo_p = v[0], hi_p = v[0];
-        for (int64_t i = 1; i < n; ++i)
-          sum_p += v[i], lo_p = std::min(lo_p, v[i]), hi_p = std::max(hi_p, v[i]);
-        ps[p] = float(sum_p), pl[p] = lo_p, ph[p] = hi_p;
-        continue;
-      }
-      ps[p] = float(lane_sum(v, n));
-      std::tie(pl[p], ph[p]) = lane_minmax(v, n);
+      // sum of x_hat = s * sum(q - z), exactly (the reference's Range BN sums)
+      const double q_sum = double(code_sum(pc + p * n, n)) - double(n) * double(gr.zero_point);
+      ps[p] = float(q_sum * double(gr.scale));
+      std::tie(pl[p], ph[p]) = lane_minmax(x_hat + (p - p0) * n, n);
     }
   });
   return {codes, scalar(gr.scale), scalar(gr.zero_point), sum, mn, mx};
@@ -379,10 +440,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_stats(
 Tensor range_bn_affine(const Tensor& codes, const Tensor& scale, const Tensor& zero_point,
                        const Tensor& a, const Tensor& b) {
   check(codes, at::kByte, "codes");
-  check(a, at::kFloat, "a");
-  check(b, at::kFloat, "b");
+  check_planes(codes, "codes");
+  check_stat(a, codes, false, "a");
+  check_stat(b, codes, false, "b");
   const int64_t C = codes.size(1);
-  const float s = read_float(scale), z = read_float(zero_point);
+  const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
   const float *pa = a.const_data_ptr<float>(), *pb = b.const_data_ptr<float>();
   Tensor y = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   const uint8_t* pc = codes.const_data_ptr<uint8_t>();
@@ -396,18 +458,23 @@ Tensor range_bn_affine(const Tensor& codes, const Tensor& scale, const Tensor& z
   return y;
 }
 
-// Backward, pass 1: g = gy quantized to `bits` (as quantize_grad), and per plane the sums of g
+// Backward, pass 1: g = gy quantized to `bits` over gy's range, and per plane the sums of g
 // and of g * (x_hat - mean), and the number of values at the chunk's max and min. Also returns
-// g's range, from which range_bn_grad_input rebuilds the same g.
+// gy's range, from which range_bn_grad_input rebuilds the same g.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
     const Tensor& codes, const Tensor& scale, const Tensor& zero_point, const Tensor& gy,
     const Tensor& mean, const Tensor& t_max, const Tensor& t_min, int64_t bits, int64_t seed,
     bool stochastic) {
   check(codes, at::kByte, "codes");
   check(gy, at::kFloat, "gy");
-  for (const Tensor* t : {&mean, &t_max, &t_min}) check(*t, at::kFloat, "a statistic");
+  check_planes(gy, "gy");
+  TORCH_CHECK(codes.sizes() == gy.sizes(), "q8 CPU kernel: codes and gy must have one shape");
+  check_stat(mean, gy, false, "mean");
+  check_stat(t_max, gy, true, "t_max");
+  check_stat(t_min, gy, true, "t_min");
+  check_bits(bits, 16);
   const int64_t B = gy.size(0), C = gy.size(1);
-  const float s = read_float(scale), z = read_float(zero_point);
+  const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
   const float* pg = gy.const_data_ptr<float>();
   auto [glo, ghi] = aminmax(pg, gy.numel());
   const Grid gr = make_grid(glo, ghi, bits);
@@ -419,26 +486,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
   float *psg = sg.mutable_data_ptr<float>(), *psgx = sgx.mutable_data_ptr<float>(),
         *pnx = nmax.mutable_data_ptr<float>(), *pnn = nmin.mutable_data_ptr<float>();
   const uint8_t* pc = codes.const_data_ptr<uint8_t>();
+  const double gs = gr.scale;
   for_planes(gy, [&](int64_t p0, int64_t p1, int64_t n, float* buf) {
     const int64_t at = p0 * n, len = (p1 - p0) * n;
-    float *g = buf, *x = buf + len;
-    fake_quant_run(pg + at, g, len, gr, stochastic, at, seed);
-    dequantize_run(pc + at, x, len, s, z);
+    float *dg = buf, *dx = buf + len;  // q_g - z_g and q - z of each value
+    centred_code_run(pg + at, dg, len, gr, stochastic, at, seed);
+    for (int64_t i = 0; i < len; ++i) dx[i] = float(pc[at + i]) - z;
     for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
-      float *gp = g + (p - p0) * n, *xp = x + (p - p0) * n;
-      const float m = pm[c], hi_t = ptx[p], lo_t = ptn[p];
-      int32_t cx = 0, cn = 0;
-      for (int64_t i = 0; i < n; ++i) cx += xp[i] == hi_t, cn += xp[i] == lo_t;
-      pnx[p] = float(cx), pnn[p] = float(cn);
-      if (n < 8) {  // 1x1 or 2x2 planes: one loop, no lanes
-        double sg_p = 0, sgx_p = 0;
-        for (int64_t i = 0; i < n; ++i) sg_p += gp[i], sgx_p += gp[i] * (xp[i] - m);
-        psg[p] = float(sg_p), psgx[p] = float(sgx_p);
-        continue;
+      const float *gp = dg + (p - p0) * n, *xp = dx + (p - p0) * n;
+      // x_hat == t: x_hat = (q - z) * s, compared as the reference compares floats
+      const float hi_t = ptx[p], lo_t = ptn[p];
+      int64_t cx = 0, cn = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = xp[i] * s;
+        cx += v == hi_t, cn += v == lo_t;
       }
-      psg[p] = float(lane_sum(gp, n));
-      for (int64_t i = 0; i < n; ++i) xp[i] = gp[i] * (xp[i] - m);
-      psgx[p] = float(lane_sum(xp, n));
+      pnx[p] = float(cx), pnn[p] = float(cn);
+      const double sum_g = exact_sum(gp, n), sum_gx = exact_dot(gp, xp, n);
+      psg[p] = float(gs * sum_g);
+      psgx[p] = float(gs * (double(s) * sum_gx - double(pm[c]) * sum_g));
     }
   });
   return {sg, sgx, nmax, nmin, scalar(glo), scalar(ghi)};
@@ -453,11 +519,15 @@ Tensor range_bn_grad_input(const Tensor& codes, const Tensor& scale, const Tenso
                            const Tensor& w_min) {
   check(codes, at::kByte, "codes");
   check(gy, at::kFloat, "gy");
-  for (const Tensor* t : {&a, &g_mean, &t_max, &t_min, &w_max, &w_min})
-    check(*t, at::kFloat, "a statistic");
+  check_planes(gy, "gy");
+  TORCH_CHECK(codes.sizes() == gy.sizes(), "q8 CPU kernel: codes and gy must have one shape");
+  check_stat(a, gy, false, "a");
+  check_stat(g_mean, gy, false, "g_mean");
+  for (const Tensor* t : {&t_max, &t_min, &w_max, &w_min}) check_stat(*t, gy, true, "a statistic");
+  check_bits(bits, 16);
   const int64_t C = gy.size(1);
-  const float s = read_float(scale), z = read_float(zero_point);
-  const Grid gr = make_grid(read_float(g_lo), read_float(g_hi), bits);
+  const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
+  const Grid gr = make_grid(scalar_arg(g_lo, "g_lo"), scalar_arg(g_hi, "g_hi"), bits);
   const float *pa = a.const_data_ptr<float>(), *pgm = g_mean.const_data_ptr<float>(),
               *ptx = t_max.const_data_ptr<float>(), *ptn = t_min.const_data_ptr<float>(),
               *pwx = w_max.const_data_ptr<float>(), *pwn = w_min.const_data_ptr<float>();
@@ -485,14 +555,15 @@ Tensor range_bn_grad_input(const Tensor& codes, const Tensor& scale, const Tenso
 TORCH_LIBRARY(q8_cpu, m) {
   m.def("grad_pair(Tensor g, int bits, int wbits, int seed, bool stochastic, bool need_data, "
         "bool need_weight) -> (Tensor?, Tensor?)", grad_pair);
-  m.def("quantize_codes(Tensor x, Tensor lo, Tensor hi, int bits) -> (Tensor, Tensor, Tensor, "
-        "Tensor)", quantize_codes);
+  m.def("quantize_input(Tensor x, Tensor lo, Tensor hi, int bits) -> (Tensor, Tensor, Tensor, "
+        "Tensor)", quantize_input);
   m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point) -> Tensor", dequantize);
-  m.def("quantize_weight(Tensor w, int bits, bool per_channel) -> (Tensor, Tensor)",
+  m.def("quantize_weight(Tensor w, int bits, bool per_channel) -> (Tensor, Tensor, Tensor)",
         quantize_weight);
-  m.def("requantize_weight(Tensor w, Tensor scale) -> Tensor", requantize_weight);
-  m.def("relu_pack(Tensor x, Tensor(a!) out) -> Tensor", relu_pack);
-  m.def("relu_mask_grad(Tensor gy, Tensor packed) -> Tensor", relu_mask_grad);
+  m.def("requantize_weight(Tensor w, int bits, Tensor scale, Tensor zero_point) -> Tensor",
+        requantize_weight);
+  m.def("relu(Tensor x, Tensor(a!) out) -> Tensor", relu);
+  m.def("relu_backward(Tensor gy, Tensor packed) -> Tensor", relu_backward);
   m.def("range_bn_stats(Tensor x, Tensor lo, Tensor hi, int bits) -> (Tensor, Tensor, Tensor, "
         "Tensor, Tensor, Tensor)", range_bn_stats);
   m.def("range_bn_affine(Tensor codes, Tensor scale, Tensor zero_point, Tensor a, Tensor b) -> "

@@ -1,0 +1,484 @@
+"""The `cuda` backend: the reference's quantizer passes as fused Triton kernels.
+
+Each kernel does the reference's float operations in the same order (division by
+`div_rn`, rounding half to even, no fused multiply-adds: `enable_fp_fusion=False`), so the
+results equal the reference's bit for bit, Range BN's exact integer sums included.
+Stochastic rounding's u is the reference's hash of each element's row-major index, whatever
+the memory layout: NCHW and channels_last tensors are read and written in place, other
+layouts are made contiguous first. Ranges and scales stay on the device: no op waits for the
+GPU. Weights (small) and max-pool run as the reference's PyTorch ops.
+
+TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly: how the tests check them on a
+machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from q8.kernels import BackendUnavailable
+from q8.kernels.reference import Reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024  # elements per program of the elementwise kernels
+TILE_C, TILE_HW = 8, 128  # channels x positions per step of the per-plane kernels
+
+
+# ---- device functions: the reference's arithmetic, element by element ----------------------
+
+
+@triton.jit
+def _grid(lo, hi, levels):
+    """qparams: scale and zero point of [lo, hi]; levels = 2^B - 2."""
+    lo0 = tl.where(lo > 0, 0.0, lo)  # clamp(max=0), keeping -0.0 and NaN
+    hi0 = tl.where(hi < 0, 0.0, hi)
+    span = hi0 - lo0
+    constant = tl.where(span == 0, 1.0, span)
+    scale = tl.where(hi > lo, tl.math.div_rn(span, levels), constant)
+    return scale, tl.ceil(tl.math.div_rn(-lo0, scale))
+
+
+@triton.jit
+def _rint(y):
+    """round half to even, as torch.round: (|y| + 2^23) - 2^23 below 2^23, with y's sign."""
+    a = tl.abs(y)
+    r = tl.where(a < 8388608.0, (a + 8388608.0) - 8388608.0, a)
+    sign = y.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _uniform(i, seed):
+    """reference.uniform: lowbias32 of (i + seed) mod 2^32, at 24-bit resolution."""
+    h = (i + seed).to(tl.uint32)
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+
+
+@triton.jit
+def _code(x, scale, zero_point, top, i, seed, STOCHASTIC: tl.constexpr):
+    """reference.codes: q = clamp(round(x/s) + z, 0, top) or with floor(x/s + u)."""
+    y = tl.math.div_rn(x, scale)
+    if STOCHASTIC:  # noqa: SIM108 (a constexpr branch: one of the two is compiled)
+        y = tl.floor(y + _uniform(i, seed))
+    else:
+        y = _rint(y)
+    q = y + zero_point
+    return tl.where(q < 0, 0.0, tl.where(q > top, top, q))  # clamp, NaN passes
+
+
+@triton.jit
+def _offset(i, C, HW, sB, sC, sHW):
+    """Memory offset of row-major element i of a (B, C, HW) tensor with strides sB, sC, sHW."""
+    bc = i // HW
+    return (bc // C) * sB + (bc % C) * sC + (i % HW) * sHW
+
+
+# ---- elementwise kernels ----------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_input(x_ptr, codes_ptr, xhat_ptr, lo_ptr, hi_ptr, scale_ptr, zp_ptr, n, C, HW,
+                    sB, sC, sHW, levels, top, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    scale, zero_point = _grid(tl.load(lo_ptr), tl.load(hi_ptr), levels)
+    q = _code(tl.load(x_ptr + at, mask=mask), scale, zero_point, top, i, 0, False)
+    tl.store(codes_ptr + at, tl.where(q == q, q, 0.0).to(tl.uint8), mask=mask)
+    tl.store(xhat_ptr + at, (q - zero_point) * scale, mask=mask)
+    if tl.program_id(0) == 0:
+        tl.store(scale_ptr, scale)
+        tl.store(zp_ptr, zero_point)
+
+
+@triton.jit
+def _dequantize(codes_ptr, out_ptr, scale_ptr, zp_ptr, n, C, HW, sB, sC, sHW,
+                BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    q = tl.load(codes_ptr + at, mask=mask).to(tl.float32)
+    tl.store(out_ptr + at, (q - tl.load(zp_ptr)) * tl.load(scale_ptr), mask=mask)
+
+
+@triton.jit
+def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sHW, seed,
+               levels, top, wlevels, wtop, STOCHASTIC: tl.constexpr, DATA: tl.constexpr,
+               WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    lo, hi = tl.load(lo_ptr), tl.load(hi_ptr)
+    g = tl.load(g_ptr + at, mask=mask)
+    if DATA:
+        scale, zero_point = _grid(lo, hi, levels)
+        q = _code(g, scale, zero_point, top, i, seed, STOCHASTIC)
+        tl.store(data_ptr + at, (q - zero_point) * scale, mask=mask)
+    if WEIGHT:
+        scale, zero_point = _grid(lo, hi, wlevels)
+        q = _code(g, scale, zero_point, wtop, i, seed, STOCHASTIC)
+        tl.store(weight_ptr + at, (q - zero_point) * scale, mask=mask)
+
+
+@triton.jit
+def _relu(x_ptr, y_ptr, packed_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
+    """y = relu(x) and the mask of y > 0, 8 flags (elements 8k..8k+7) per byte k."""
+    k = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    bit = tl.arange(0, 8)
+    i = k[:, None] * 8 + bit[None, :]
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    x = tl.load(x_ptr + at, mask=mask)
+    y = tl.where(x < 0, 0.0, x)  # NaN passes
+    tl.store(y_ptr + at, y, mask=mask)
+    flags = tl.where(mask & (y > 0), 1, 0) << bit[None, :]
+    tl.store(packed_ptr + k, tl.sum(flags, axis=1).to(tl.uint8), mask=k * 8 < n)
+
+
+@triton.jit
+def _relu_backward(gy_ptr, packed_ptr, gx_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    bit = tl.arange(0, 8)
+    i = k[:, None] * 8 + bit[None, :]
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    flags = tl.load(packed_ptr + k, mask=k * 8 < n, other=0).to(tl.int32)
+    on = ((flags[:, None] >> bit[None, :]) & 1) != 0
+    gy = tl.load(gy_ptr + at, mask=mask)
+    tl.store(gx_ptr + at, tl.where(on, gy, 0.0), mask=mask)
+
+
+# ---- Range BN: per-plane kernels over tiles of TILE_C channels x TILE_HW positions ------------
+
+
+@triton.jit
+def _range_bn_stats(x_ptr, codes_ptr, lo_ptr, hi_ptr, scale_ptr, zp_ptr, sum_ptr, min_ptr,
+                    max_ptr, C, HW, sB, sC, sHW, levels, top, TC: tl.constexpr,
+                    THW: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * TC + tl.arange(0, TC)
+    scale, zero_point = _grid(tl.load(lo_ptr), tl.load(hi_ptr), levels)
+    acc = tl.zeros((TC, THW), tl.float64)  # sum of q - z: integers, exact in float64
+    lo = tl.full((TC, THW), float("inf"), tl.float32)
+    hi = tl.full((TC, THW), float("-inf"), tl.float32)
+    bad = tl.zeros((TC, THW), tl.int32)
+    for start in range(0, HW, THW):
+        hw = start + tl.arange(0, THW)
+        mask = (c[:, None] < C) & (hw[None, :] < HW)
+        at = b * sB + c[:, None] * sC + hw[None, :] * sHW
+        q = _code(tl.load(x_ptr + at, mask=mask), scale, zero_point, top, 0, 0, False)
+        tl.store(codes_ptr + at, tl.where(q == q, q, 0.0).to(tl.uint8), mask=mask)
+        x_hat = (q - zero_point) * scale
+        acc += tl.where(mask, q - zero_point, 0.0).to(tl.float64)
+        lo = tl.minimum(lo, tl.where(mask, x_hat, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, x_hat, float("-inf")))
+        bad = tl.maximum(bad, tl.where(mask & (x_hat != x_hat), 1, 0))
+    nan = tl.max(bad, axis=1) > 0
+    out = b * C + c
+    cm = c < C
+    tl.store(sum_ptr + out, (tl.sum(acc, axis=1) * scale.to(tl.float64)).to(tl.float32),
+             mask=cm)
+    tl.store(min_ptr + out, tl.where(nan, float("nan"), tl.min(lo, axis=1)), mask=cm)
+    tl.store(max_ptr + out, tl.where(nan, float("nan"), tl.max(hi, axis=1)), mask=cm)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(scale_ptr, scale)
+        tl.store(zp_ptr, zero_point)
+
+
+@triton.jit
+def _range_bn_affine(codes_ptr, y_ptr, scale_ptr, zp_ptr, a_ptr, b_ptr, n, C, HW, sB, sC, sHW,
+                     BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    c = (i // HW) % C
+    q = tl.load(codes_ptr + at, mask=mask).to(tl.float32)
+    x_hat = (q - tl.load(zp_ptr)) * tl.load(scale_ptr)
+    a = tl.load(a_ptr + c, mask=mask)
+    tl.store(y_ptr + at, x_hat * a + tl.load(b_ptr + c, mask=mask), mask=mask)
+
+
+@triton.jit
+def _range_bn_grad_sums(codes_ptr, gy_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, mean_ptr,
+                        tmax_ptr, tmin_ptr, sg_ptr, sgx_ptr, nmax_ptr, nmin_ptr, C, HW, sB, sC,
+                        sHW, cB, cC, cHW, seed, levels, top, STOCHASTIC: tl.constexpr,
+                        TC: tl.constexpr, THW: tl.constexpr):
+    """(sB, sC, sHW): gy's strides; (cB, cC, cHW): the codes'."""
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * TC + tl.arange(0, TC)
+    cm = c < C
+    plane = b * C + c
+    s, z = tl.load(scale_ptr), tl.load(zp_ptr)
+    g_scale, g_zero = _grid(tl.load(lo_ptr), tl.load(hi_ptr), levels)
+    mean = tl.load(mean_ptr + c, mask=cm)
+    t_max = tl.load(tmax_ptr + plane, mask=cm)[:, None]
+    t_min = tl.load(tmin_ptr + plane, mask=cm)[:, None]
+    sg = tl.zeros((TC, THW), tl.float64)  # sums of q_g - z_g and (q_g - z_g)(q - z): exact
+    sgx = tl.zeros((TC, THW), tl.float64)
+    nmax = tl.zeros((TC, THW), tl.float32)
+    nmin = tl.zeros((TC, THW), tl.float32)
+    for start in range(0, HW, THW):
+        hw = start + tl.arange(0, THW)
+        mask = cm[:, None] & (hw[None, :] < HW)
+        at = b * sB + c[:, None] * sC + hw[None, :] * sHW
+        at_codes = b * cB + c[:, None] * cC + hw[None, :] * cHW
+        i = plane[:, None] * HW + hw[None, :]
+        q = _code(tl.load(gy_ptr + at, mask=mask), g_scale, g_zero, top, i, seed, STOCHASTIC)
+        dg = tl.where(mask, q - g_zero, 0.0)
+        dx = tl.load(codes_ptr + at_codes, mask=mask).to(tl.float32) - z
+        x_hat = dx * s
+        sg += dg.to(tl.float64)
+        sgx += (dg * dx).to(tl.float64)
+        nmax += tl.where(mask & (x_hat == t_max), 1.0, 0.0)
+        nmin += tl.where(mask & (x_hat == t_min), 1.0, 0.0)
+    sum_g, sum_gx = tl.sum(sg, axis=1), tl.sum(sgx, axis=1)
+    gs = g_scale.to(tl.float64)
+    s_gx = gs * (s.to(tl.float64) * sum_gx - mean.to(tl.float64) * sum_g)
+    tl.store(sg_ptr + plane, (gs * sum_g).to(tl.float32), mask=cm)
+    tl.store(sgx_ptr + plane, s_gx.to(tl.float32), mask=cm)
+    tl.store(nmax_ptr + plane, tl.sum(nmax, axis=1), mask=cm)
+    tl.store(nmin_ptr + plane, tl.sum(nmin, axis=1), mask=cm)
+
+
+@triton.jit
+def _range_bn_grad_input(codes_ptr, gy_ptr, gx_ptr, scale_ptr, zp_ptr, lo_ptr, hi_ptr, a_ptr,
+                         gmean_ptr, tmax_ptr, tmin_ptr, wmax_ptr, wmin_ptr, n, C, HW, sB, sC,
+                         sHW, cB, cC, cHW, seed, levels, top, STOCHASTIC: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """(sB, sC, sHW): the strides of gy and gx; (cB, cC, cHW): the codes'."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    at = _offset(i, C, HW, sB, sC, sHW)
+    plane = i // HW
+    c = plane % C
+    g_scale, g_zero = _grid(tl.load(lo_ptr), tl.load(hi_ptr), levels)
+    q = _code(tl.load(gy_ptr + at, mask=mask), g_scale, g_zero, top, i, seed, STOCHASTIC)
+    g = (q - g_zero) * g_scale
+    x_hat = (tl.load(codes_ptr + _offset(i, C, HW, cB, cC, cHW), mask=mask).to(tl.float32)
+             - tl.load(zp_ptr)) * tl.load(scale_ptr)
+    at_max = tl.where(x_hat == tl.load(tmax_ptr + plane, mask=mask),
+                      tl.load(wmax_ptr + plane, mask=mask), 0.0)
+    at_min = tl.where(x_hat == tl.load(tmin_ptr + plane, mask=mask),
+                      tl.load(wmin_ptr + plane, mask=mask), 0.0)
+    gx = (g - tl.load(gmean_ptr + c, mask=mask)) * tl.load(a_ptr + c, mask=mask) + at_max - at_min
+    tl.store(gx_ptr + at, gx, mask=mask)
+
+
+# ---- the backend ------------------------------------------------------------------------------
+
+
+def _geometry(t: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """t as a (B, C, HW) tensor for the kernels, and its (C, HW, sB, sC, sHW): row-major
+    element i = (b, c, hw) is at b sB + c sC + hw sHW. A channels_last t is read in place;
+    any other layout is made contiguous."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not t.is_contiguous():
+        return t, (t.shape[1], t.shape[2] * t.shape[3], t.stride(0), t.stride(1), t.stride(3))
+    t = t.contiguous()
+    C = t.shape[1] if t.dim() >= 2 else 1
+    HW = t.numel() // (t.shape[0] * C) if t.dim() >= 2 else t.numel()
+    return t, (C, HW, C * HW, HW, 1)
+
+
+def _levels(bits: int) -> tuple[float, float]:
+    """(2^B - 2, 2^B - 1) as the kernels take them."""
+    return float(2**bits - 2), float(2**bits - 1)
+
+
+def _seed(seed: int | None) -> int:
+    """The seed's low 32 bits (all the hash reads) plus 2^32, so that Triton always passes it
+    as an int64."""
+    return (seed or 0) % 2**32 + 2**32
+
+
+def _native(*tensors: Tensor) -> bool:
+    return all(t.dtype in (torch.float32, torch.uint8) for t in tensors) and tensors[0].numel() > 0
+
+
+def _codes(saved: tuple[Tensor, ...]) -> bool:
+    return len(saved) == 3 and saved[0].dtype == torch.uint8
+
+
+def _check(t: Tensor, numel: int, name: str) -> None:
+    """The kernels index t by the sizes of their main tensor: a size that does not fit is an
+    error here, never a read out of bounds."""
+    if t.numel() != numel:
+        raise ValueError(f"q8 cuda kernel: {name} must have {numel} elements, has {t.numel()}")
+
+
+def _check_codes(codes: Tensor, like: Tensor) -> None:
+    if codes.shape != like.shape:
+        raise ValueError(f"q8 cuda kernel: codes {tuple(codes.shape)} must have the shape of "
+                         f"{tuple(like.shape)}")
+
+
+def _blocks(n: int, size: int = BLOCK) -> tuple[int]:
+    return (triton.cdiv(n, size),)
+
+
+_OPTS = {"enable_fp_fusion": False}  # no fused multiply-adds: the reference's roundings
+
+
+class Cuda(Reference):
+    """The reference's ops on CUDA tensors, through Triton kernels."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        if not (INTERPRET or torch.cuda.is_available()):
+            raise BackendUnavailable("backend 'cuda' needs a CUDA GPU (torch.cuda.is_available() "
+                                     "is False)")
+
+    def serves(self, x: Tensor) -> bool:
+        return x.device.type == ("cpu" if INTERPRET else "cuda")
+
+    def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
+                       bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        if bits is None or bits > 8 or not _native(x):
+            return super().quantize_input(x, lo, hi, bits)
+        _check(lo, 1, "lo")
+        _check(hi, 1, "hi")
+        x, geometry = _geometry(x)
+        codes = torch.empty_like(x, dtype=torch.uint8)
+        x_hat = torch.empty_like(x)
+        scale, zero_point = x.new_empty(()), x.new_empty(())
+        _quantize_input[_blocks(x.numel())](x, codes, x_hat, lo.float(), hi.float(), scale,
+                                            zero_point, x.numel(), *geometry, *_levels(bits),
+                                            BLOCK=BLOCK, **_OPTS)
+        return x_hat, (codes, scale, zero_point)
+
+    def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
+        if not (_codes(saved) and _native(saved[0])):
+            return super().restore(saved)
+        codes, scale, zero_point = saved
+        codes, geometry = _geometry(codes)
+        out = torch.empty_like(codes, dtype=torch.float32)
+        _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
+                                            *geometry,
+                                            BLOCK=BLOCK, **_OPTS)
+        return out
+
+    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
+                  need_data: bool = True, need_weight: bool = True
+                  ) -> tuple[Tensor | None, Tensor | None]:
+        if bits is None or not _native(g):
+            return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
+        g, geometry = _geometry(g)
+        lo, hi = torch.aminmax(g)
+        shared = wbits == bits
+        data = torch.empty_like(g) if need_data or shared else None
+        weight = torch.empty_like(g) if need_weight and not shared and wbits is not None else None
+        _grad_pair[_blocks(g.numel())](
+            g, data if data is not None else g, weight if weight is not None else g, lo, hi,
+            g.numel(), *geometry, _seed(seed), *_levels(bits), *_levels(wbits or bits),
+            STOCHASTIC=seed is not None, DATA=data is not None, WEIGHT=weight is not None,
+            BLOCK=BLOCK, **_OPTS)
+        if shared:
+            return data, data
+        return data, (g if wbits is None else weight) if need_weight else None
+
+    def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
+        if not _native(x):
+            return super().relu(x, inplace)
+        x_in = x
+        x, geometry = _geometry(x)
+        if inplace and x is not x_in:  # in place, on a layout the kernel does not index
+            return super().relu(x_in, inplace)
+        y = x if inplace else torch.empty_like(x)
+        packed = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+        _relu[_blocks(packed.numel(), BLOCK // 8)](x, y, packed, x.numel(), *geometry,
+                                                   BYTES=BLOCK // 8, **_OPTS)
+        return y, packed
+
+    def relu_backward(self, gy: Tensor, packed: Tensor) -> Tensor:
+        if not _native(gy):
+            return super().relu_backward(gy, packed)
+        _check(packed, (gy.numel() + 7) // 8, "packed")
+        gy, geometry = _geometry(gy)
+        gx = torch.empty_like(gy)
+        _relu_backward[_blocks(packed.numel(), BLOCK // 8)](gy, packed, gx, gy.numel(), *geometry,
+                                                            BYTES=BLOCK // 8, **_OPTS)
+        return gx
+
+    def range_bn_stats(self, x: Tensor, lo: Tensor, hi: Tensor, bits: int | None
+                       ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+        if bits is None or bits > 8 or not _native(x):
+            return super().range_bn_stats(x, lo, hi, bits)
+        _check(lo, 1, "lo")
+        _check(hi, 1, "hi")
+        x, geometry = _geometry(x)
+        B, C = x.shape[:2]
+        codes = torch.empty_like(x, dtype=torch.uint8)
+        scale, zero_point = x.new_empty(()), x.new_empty(())
+        s, mn, mx = (x.new_empty((B, C)) for _ in range(3))
+        _range_bn_stats[(B, triton.cdiv(C, TILE_C))](
+            x, codes, lo.float(), hi.float(), scale, zero_point, s, mn, mx, *geometry,
+            *_levels(bits), TC=TILE_C, THW=TILE_HW, **_OPTS)
+        return (codes, scale, zero_point), s, mn, mx
+
+    def range_bn_affine(self, saved: tuple[Tensor, ...], a: Tensor, b: Tensor) -> Tensor:
+        if not (_codes(saved) and _native(saved[0], a, b)):
+            return super().range_bn_affine(saved, a, b)
+        codes, scale, zero_point = saved
+        _check(a, codes.shape[1], "a")
+        _check(b, codes.shape[1], "b")
+        codes, geometry = _geometry(codes)
+        y = torch.empty_like(codes, dtype=torch.float32)
+        _range_bn_affine[_blocks(codes.numel())](codes, y, scale, zero_point, a.contiguous(),
+                                                 b.contiguous(), codes.numel(), *geometry,
+                                                 BLOCK=BLOCK, **_OPTS)
+        return y
+
+    def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
+                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
+                           ) -> tuple[Tensor, ...]:
+        if bits is None or not (_codes(saved) and _native(gy, mean, t_max, t_min)):
+            return super().range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
+        codes, scale, zero_point = saved
+        B, C = gy.shape[:2]
+        _check_codes(codes, gy)
+        _check(mean, C, "mean")
+        _check(t_max, B * C, "t_max")
+        _check(t_min, B * C, "t_min")
+        gy, geometry = _geometry(gy)
+        codes, (_, _, *code_strides) = _geometry(codes)
+        g_lo, g_hi = torch.aminmax(gy)
+        s_g, s_gx, n_max, n_min = (gy.new_empty((B, C)) for _ in range(4))
+        _range_bn_grad_sums[(B, triton.cdiv(C, TILE_C))](
+            codes, gy, scale, zero_point, g_lo, g_hi, mean.contiguous(), t_max.contiguous(),
+            t_min.contiguous(), s_g, s_gx, n_max, n_min, *geometry, *code_strides, _seed(seed),
+            *_levels(bits), STOCHASTIC=seed is not None, TC=TILE_C, THW=TILE_HW, **_OPTS)
+        return s_g, s_gx, n_max, n_min, g_lo, g_hi
+
+    def range_bn_grad_input(self, saved: tuple[Tensor, ...], gy: Tensor, g_lo: Tensor,
+                            g_hi: Tensor, bits: int | None, seed: int | None, a: Tensor,
+                            g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
+                            w_min: Tensor) -> Tensor:
+        stats = (a, g_mean, t_max, t_min, w_max, w_min)
+        if bits is None or not (_codes(saved) and _native(gy, *stats)):
+            return super().range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
+        codes, scale, zero_point = saved
+        B, C = gy.shape[:2]
+        _check_codes(codes, gy)
+        for t, numel, name in zip(stats, (C, C, *[B * C] * 4),
+                                  ("a", "g_mean", "t_max", "t_min", "w_max", "w_min")):
+            _check(t, numel, name)
+        gy, geometry = _geometry(gy)
+        codes, (_, _, *code_strides) = _geometry(codes)
+        gx = torch.empty_like(gy)
+        _range_bn_grad_input[_blocks(gy.numel())](
+            codes, gy, gx, scale, zero_point, g_lo, g_hi, *(t.contiguous() for t in stats),
+            gy.numel(), *geometry, *code_strides, _seed(seed), *_levels(bits),
+            STOCHASTIC=seed is not None, BLOCK=BLOCK, **_OPTS)
+        return gx
+
