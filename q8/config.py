@@ -9,6 +9,7 @@ ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
 BACKENDS = ("auto", "reference", "cpu", "cuda")  # q8.kernels
+GEMMS = ("dequantized", "codes", "int8")  # q8.gemm
 MIN_BITS, MAX_BITS = 2, 16
 
 
@@ -51,6 +52,7 @@ class QuantConfig:
     range_bn_scale: str = "exact"  # "exact": d2(n); "paper": 1/sqrt(2 ln n); "hoffer2018"
     skip: tuple[str, ...] = field(default_factory=tuple)  # fnmatch patterns of module names
     backend: str = "auto"  # kernels (q8.kernels): auto | reference | cpu | cuda
+    gemm: str = "dequantized"  # GEMMs (q8.gemm): on dequantized fp32 values, codes in bf16, int8
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits"):
@@ -59,6 +61,7 @@ class QuantConfig:
         _check_choice("bn", self.bn, BN_TYPES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("gemm", self.gemm, GEMMS)
         if self.wgrad_bits is not None and (
             self.grad_bits is None or self.wgrad_bits < self.grad_bits
         ):

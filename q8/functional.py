@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from q8 import gemm
+from q8.gemm import Geometry, Operand
 from q8.kernels import Kernels
 from q8.kernels.reference import draw_seed, fake_quant, minmax
 
@@ -44,15 +45,23 @@ class LayerSpec:
     weight_bits: int | None
     per_channel: bool
     grad: GradSpec
+    gemm: str = "dequantized"  # q8.gemm.MODES
     # conv only (None for linear)
     stride: tuple | None = None
     padding: tuple | None = None
     dilation: tuple | None = None
     groups: int = 1
 
+    @property
+    def geometry(self) -> Geometry | None:
+        if self.stride is None:
+            return None
+        return Geometry(self.stride, self.padding, self.dilation, self.groups)
+
 
 class BifurcatedLayerFn(torch.autograd.Function):
-    """y = x_hat W_hat^T + b (linear) or conv(x_hat, W_hat) + b, with a bifurcated backward."""
+    """y = x_hat W_hat^T + b (linear) or conv(x_hat, W_hat) + b, with a bifurcated backward;
+    the GEMMs in the spec's mode (q8.gemm)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_lo, x_hi, spec: LayerSpec,  # noqa: ANN001, ANN205
@@ -62,12 +71,13 @@ class BifurcatedLayerFn(torch.autograd.Function):
         # W_hat is rebuilt in backward from W and its (scale, zero point): W is alive anyway,
         # so the weights cost no saved memory
         w_hat, w_qp = k.quantize_weight(weight, spec.weight_bits, spec.per_channel)
-        if spec.stride is None:
-            y = F.linear(x_hat, w_hat, bias)
+        if spec.gemm == "dequantized":
+            x_op, w_op = Operand(x_hat), Operand(w_hat)
         else:
-            y = F.conv2d(x_hat, w_hat, bias, spec.stride, spec.padding, spec.dilation, spec.groups)
-        ctx.spec, ctx.kernels, ctx.n_x = spec, kernels, len(saved_x)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
+            x_op, w_op = k.restore_codes(saved_x), k.weight_codes(weight, spec.weight_bits, w_qp)
+        y = gemm.forward(x_op, w_op, bias, spec.geometry, spec.gemm)
+        ctx.spec, ctx.kernels, ctx.n_x, ctx.has_bias = spec, kernels, len(saved_x), bias is not None
+        ctx.shapes = x.shape, weight.shape
         ctx.save_for_backward(*saved_x, weight, *w_qp)
         return y
 
@@ -76,33 +86,19 @@ class BifurcatedLayerFn(torch.autograd.Function):
         spec: LayerSpec = ctx.spec
         k = ctx.kernels.on(gy)
         saved = ctx.saved_tensors
-        x_hat = k.restore(saved[: ctx.n_x])
-        weight, w_qp = saved[ctx.n_x], saved[ctx.n_x + 1 :]
-        w_hat = k.requantize_weight(weight, spec.weight_bits, w_qp)
+        saved_x, weight, w_qp = saved[: ctx.n_x], saved[ctx.n_x], saved[ctx.n_x + 1 :]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g_data, g_w = k.grad_pair(gy, spec.grad.bits, spec.grad.wbits, spec.grad.seed(),
-                                  need_x, need_w or need_b)
-        gx = gw = gb = None
-        if spec.stride is None:  # linear over any leading dims: (..., in) -> (..., out)
-            if need_x:
-                gx = g_data @ w_hat
-            if need_w:
-                gw = g_w.reshape(-1, g_w.shape[-1]).T @ x_hat.reshape(-1, x_hat.shape[-1])
-            if need_b and ctx.bias_sizes is not None:
-                gb = g_w.reshape(-1, g_w.shape[-1]).sum(0)
+        need_b = need_b and ctx.has_bias
+        grads = (gy, spec.grad.bits, spec.grad.wbits, spec.grad.seed(), need_x, need_w or need_b)
+        if spec.gemm == "dequantized":
+            x_op = Operand(k.restore(saved_x))
+            w_op = Operand(k.requantize_weight(weight, spec.weight_bits, w_qp))
+            g_data, g_w = (None if g is None else Operand(g) for g in k.grad_pair(*grads))
         else:
-            args = (ctx.bias_sizes, spec.stride, spec.padding, spec.dilation, False, [0, 0],
-                    spec.groups)
-            conv_bwd = torch.ops.aten.convolution_backward
-            if g_data is g_w:  # no bifurcation: one call computes both
-                gx, gw, gb = conv_bwd(g_data, x_hat, w_hat, *args, [need_x, need_w, need_b])
-            else:
-                if need_x:
-                    gx = conv_bwd(g_data, x_hat, w_hat, *args, [True, False, False])[0]
-                if need_w or need_b:
-                    _, gw, gb = conv_bwd(g_w, x_hat, w_hat, *args, [False, need_w, need_b])
-        if ctx.bias_sizes is None:
-            gb = None
+            x_op, w_op = k.restore_codes(saved_x), k.weight_codes(weight, spec.weight_bits, w_qp)
+            g_data, g_w = k.grad_pair_codes(*grads)
+        gx, gw, gb = gemm.backward(g_data if need_x else None, g_w, x_op if need_w else None,
+                                   w_op, *ctx.shapes, spec.geometry, spec.gemm, need_b)
         return gx, gw, gb, None, None, None, None
 
 

@@ -95,7 +95,7 @@ class QuantLayerMixin(ActRangeMixin):
         self._q8_init_range(config, kernels)
         grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
         self.q8_spec = LayerSpec(config.act_bits, config.weight_bits, config.per_channel_weights,
-                                 grad)
+                                 grad, config.gemm)
 
     def forward(self, x: Tensor) -> Tensor:
         with _Reroute(self):

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-import q8
 from q8.config import QuantConfig
 from q8.lit.wandb_files import read_offline_run
 from tests.conftest import CONF_DIR, ROOT, compose_config
@@ -21,7 +20,6 @@ from train import build_quant_config, train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-HAS_QUANTIZE_MODEL = hasattr(q8, "quantize_model")
 METRIC_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
 
 
@@ -68,8 +66,6 @@ def test_default_config_is_the_paper_on_digits() -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_trains_a_few_steps(preset: str, tiny_config, tmp_path: Path) -> None:
-    if preset != "fp32" and not HAS_QUANTIZE_MODEL:
-        pytest.skip("q8.quantize_model is not implemented yet")
     run_dir = tmp_path / "run"
     metrics = train(tiny_config(f"quant={preset}", run_dir=run_dir))
     assert metrics["global_step"] == 2
@@ -83,6 +79,13 @@ def test_every_preset_trains_a_few_steps(preset: str, tiny_config, tmp_path: Pat
         None if preset == "fp32" else metrics["quant_config"]["grad_bits"]
     )
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("gemm", ["codes", "int8"])
+def test_a_gemm_mode_trains_and_is_recorded(gemm: str, tiny_config, tmp_path: Path) -> None:
+    metrics = train(tiny_config(f"quant.gemm={gemm}", run_dir=tmp_path / "run"))
+    assert metrics["global_step"] == 2 and metrics["quant_config"]["gemm"] == gemm
+    assert 0 <= metrics["train/loss"] < float("inf")
 
 
 def test_resume_continues_at_the_saved_step(tiny_config, tmp_path: Path) -> None:

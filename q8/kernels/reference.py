@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from q8.gemm import CODE_DTYPE, Operand
+
 # ---- the quantizer ------------------------------------------------------------------------
 
 
@@ -96,6 +98,12 @@ def code_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int32
 
 
+def centred_dtype(bits: int) -> torch.dtype:
+    """The dtype of q - z as a GEMM operand (q8.gemm): bf16 up to 8 bits, float32 above (both
+    exact for these integers)."""
+    return CODE_DTYPE if bits <= 8 else torch.float32
+
+
 # ---- the backend ----------------------------------------------------------------------------
 
 
@@ -128,6 +136,14 @@ class Reference:
         """x_hat from what quantize_input saved."""
         return saved[0] if len(saved) == 1 else dequantize(*saved)
 
+    def restore_codes(self, saved: tuple[Tensor, ...]) -> Operand:
+        """What quantize_input saved as a GEMM operand: q - z with its scale and zero point."""
+        if len(saved) == 1:
+            return Operand(saved[0])
+        q, scale, zero_point = saved
+        bits = 8 if q.dtype == torch.uint8 else 16
+        return Operand((q.float() - zero_point).to(centred_dtype(bits)), scale, zero_point)
+
     # weights: nearest rounding over W's own range, per tensor or per output channel
 
     def quantize_weight(self, w: Tensor, bits: int | None,
@@ -144,6 +160,14 @@ class Reference:
         scale, zero_point = qp
         return dequantize(codes(w.detach(), scale, zero_point, bits), scale, zero_point)
 
+    def weight_codes(self, w: Tensor, bits: int | None, qp: tuple[Tensor, ...]) -> Operand:
+        """W as a GEMM operand: q - z of requantize_weight's codes, with scale and zero point."""
+        if bits is None:
+            return Operand(w)
+        scale, zero_point = qp
+        q = codes(w.detach(), scale, zero_point, bits)
+        return Operand((q - zero_point).to(centred_dtype(bits)), scale, zero_point)
+
     # layer gradients: g_l for dL/dx (bits) and its copy for dL/dW (wbits), bifurcation
 
     def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
@@ -157,6 +181,25 @@ class Reference:
             return g_q, g_q
         data = fake_quant(g, lo, hi, bits, seed) if need_data else None
         return data, (fake_quant(g, lo, hi, wbits, seed) if need_weight else None)
+
+    def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
+                        seed: int | None, need_data: bool = True, need_weight: bool = True
+                        ) -> tuple[Operand | None, Operand | None]:
+        """grad_pair's copies as GEMM operands (q - z, scale, zero point); g itself for a copy
+        of bits None."""
+        lo, hi = minmax(g)
+
+        def copy(b: int | None) -> Operand:
+            if b is None:
+                return Operand(g)
+            scale, zero_point = qparams(lo, hi, b)
+            q = codes(g, scale, zero_point, b, seed)
+            return Operand((q - zero_point).to(centred_dtype(b)), scale, zero_point)
+
+        if bits == wbits:
+            both = copy(bits)
+            return both, both
+        return (copy(bits) if need_data else None), (copy(wbits) if need_weight else None)
 
     # ReLU: y and a 1-bit mask of y > 0 (bit i of byte k is element 8k + i)
 

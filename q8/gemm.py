@@ -1,0 +1,234 @@
+"""The three GEMMs of a quantized conv/linear layer, in the mode `QuantConfig.gemm` names.
+
+    forward   y     = x_hat W_hat^T   (conv: conv(x_hat, W_hat))
+    data path dL/dx = g_l W_hat       (the grad_bits copy of g_l)
+    weights   dL/dW = g_l^T x_hat     (the wgrad_bits copy of g_l)
+
+- `dequantized`: fp32 GEMMs on the dequantized values x_hat = (q - z) s.
+- `codes`: GEMMs on the centred codes q - z, integers in [-255, 255] that bf16 holds exactly,
+  accumulated in fp32 and scaled afterwards by s_a s_b: the paper's 8-bit GEMM at bf16's rate.
+  A 16-bit copy of g_l (up to 65535 in magnitude) is split into two bytes, g = 256 hi + lo,
+  for two exact GEMMs. The result differs from `dequantized` by fp32 accumulation and the
+  rounding of the bf16 output (2^-8 of each output at most).
+- `int8`: torch._int_mm (int8 x int8 -> int32, exact) for the forward and the data path where the
+  GEMM is a plain matrix product (linear layers; 1x1, stride-1 convolutions), with zero-point
+  corrections from row and column sums; `codes` elsewhere.
+
+A GEMM whose operands are not all codes of at most 8 bits (a full-precision tensor, more bits,
+or per-channel weights inside the data path's sum) runs `dequantized`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MODES = ("dequantized", "codes", "int8")
+CODE_DTYPE = torch.bfloat16  # exact for the integers of codes of up to 8 bits, |q - z| <= 255
+
+
+class Operand(NamedTuple):
+    """One side of a GEMM: centred codes q - z with their scale and zero point (values =
+    (q - z) * scale), or plain values (scale None)."""
+
+    values: Tensor
+    scale: Tensor | None = None
+    zero_point: Tensor | None = None
+
+    @property
+    def is_codes(self) -> bool:
+        return self.scale is not None
+
+    def dequantized(self) -> Tensor:
+        """x_hat = (q - z) s: the same floats the dequantized mode computes."""
+        return self.values if self.scale is None else self.values.float() * self.scale
+
+    def narrow(self) -> bool:
+        """Codes that bf16 holds exactly (at most 8 bits)."""
+        return self.is_codes and self.values.dtype == CODE_DTYPE
+
+
+class Geometry(NamedTuple):
+    """A convolution's stride, padding, dilation and groups (None for a linear layer)."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | None,
+            mode: str) -> Tensor:
+    """y = x W^T (+ b), or conv(x, W) (+ b)."""
+    if mode == "dequantized" or not (x.narrow() and w.narrow()):
+        return _apply(x.dequantized(), w.dequantized(), bias, geometry)
+    scale = x.scale * w.scale.reshape(-1)  # s_x s_w, per output channel for per-channel W
+    if mode == "int8" and _is_matmul(geometry, w.values.shape):
+        x2, restore = _rows(x.values, geometry)
+        if _int_mm_fits(x2.shape[0], x2.shape[1], w.values.shape[0]):
+            y = restore(_int8_product(x2, x.zero_point, w.values.reshape(w.values.shape[0], -1),
+                                      w.zero_point.reshape(-1)) * scale)
+            return y if bias is None else y + _per_channel(bias, geometry)
+    y = _apply(x.values, w.values, None, geometry).float()
+    y = y * (scale if geometry is None else scale.view(1, -1, 1, 1))
+    return y if bias is None else y + _per_channel(bias, geometry)
+
+
+def backward(g_data: Operand | None, g_w: Operand | None, x: Operand | None,
+             w: Operand | None, x_shape: torch.Size, w_shape: torch.Size,
+             geometry: Geometry | None, mode: str, need_bias: bool
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dL/dx, dL/dW, dL/db); dL/dx needs g_data and w, dL/dW needs g_w and x (None: not
+    needed), dL/db needs g_w."""
+    if mode == "dequantized" and geometry is not None:  # PyTorch's convolution backward
+        return _conv_backward(g_data, g_w, x, w, x_shape, w_shape, geometry, need_bias)
+    gx = None if g_data is None else _grad_input(g_data, w, x, x_shape, geometry, mode)
+    gw = None if g_w is None or x is None else _grad_weight(g_w, x, w, w_shape, geometry, mode)
+    gb = None
+    if need_bias:
+        values = g_w.dequantized()
+        gb = values.reshape(-1, values.shape[-1]).sum(0) if geometry is None else values.sum(
+            (0, 2, 3))
+    return gx, gw, gb
+
+
+def _grad_input(g: Operand, w: Operand, x: Operand | None, x_shape: torch.Size,
+                geometry: Geometry | None, mode: str) -> Tensor:
+    """dL/dx = g W (linear) or conv's input gradient. Per-channel weight scales vary along the
+    summed output channels: that GEMM runs dequantized."""
+    codes = mode != "dequantized" and g.narrow() and w.narrow() and w.scale.numel() == 1
+    if not codes:
+        x_like = None if x is None else x.dequantized()
+        return _input_product(g.dequantized(), w.dequantized(), x_like, x_shape, geometry)
+    scale = g.scale * w.scale
+    if mode == "int8" and _is_matmul(geometry, w.values.shape):
+        g2, restore = _rows(g.values, geometry)
+        w2 = w.values.reshape(w.values.shape[0], -1)
+        if _int_mm_fits(g2.shape[0], g2.shape[1], w2.shape[1]):
+            return restore(_int8_product(g2, g.zero_point, w2.t(), w.zero_point) * scale)
+    x_like = None if x is None else x.values
+    return _input_product(g.values, w.values, x_like, x_shape, geometry).float() * scale
+
+
+def _grad_weight(g: Operand, x: Operand, w: Operand | None, w_shape: torch.Size,
+                 geometry: Geometry | None, mode: str) -> Tensor:
+    """dL/dW = g^T x (linear) or conv's weight gradient; a 16-bit g in two exact bytes."""
+    if mode == "dequantized" or not (x.narrow() and g.is_codes):
+        w_like = None if w is None else w.dequantized()
+        return _weight_product(g.dequantized(), x.dequantized(), w_like, w_shape, geometry)
+    scale = g.scale * x.scale
+    w_like = None if w is None else w.values
+    if g.narrow():
+        return _weight_product(g.values, x.values, w_like, w_shape, geometry).float() * scale
+    hi = torch.floor(g.values / 256)  # g = 256 hi + lo: hi in [-256, 255], lo in [0, 255]
+    lo = g.values - 256 * hi
+    high = _weight_product(hi.to(CODE_DTYPE), x.values, w_like, w_shape, geometry).float()
+    low = _weight_product(lo.to(CODE_DTYPE), x.values, w_like, w_shape, geometry).float()
+    return (high * 256 + low) * scale
+
+
+def _conv_backward(g_data: Operand | None, g_w: Operand | None, x: Operand | None,
+                   w: Operand | None, x_shape: torch.Size, w_shape: torch.Size,
+                   geometry: Geometry, need_bias: bool) -> tuple:
+    """The dequantized mode's convolution backward: one call when both paths share g_l."""
+    g_d = None if g_data is None else g_data.dequantized()
+    g_g = None if g_w is None else g_w.dequantized()
+    x_hat = x.dequantized() if x is not None else None
+    w_hat = w.dequantized() if w is not None else None
+    args = ([w_shape[0]] if need_bias else None, geometry.stride, geometry.padding,
+            geometry.dilation, False, [0, 0], geometry.groups)
+    conv_bwd = torch.ops.aten.convolution_backward
+    need_x, need_w = g_d is not None, x_hat is not None
+    if g_d is not None and g_d is g_g:  # no bifurcation: one call computes both
+        return conv_bwd(g_d, _like(x_hat, x_shape, g_d), _like(w_hat, w_shape, g_d), *args,
+                        [need_x, need_w, need_bias])
+    gx = gw = gb = None
+    if need_x:
+        gx = conv_bwd(g_d, _like(x_hat, x_shape, g_d), w_hat, *args, [True, False, False])[0]
+    if need_w or need_bias:
+        _, gw, gb = conv_bwd(g_g, _like(x_hat, x_shape, g_g), _like(w_hat, w_shape, g_g), *args,
+                             [False, need_w, need_bias])
+    return gx, gw, gb
+
+
+def _like(t: Tensor | None, shape: torch.Size, like: Tensor) -> Tensor:
+    """t where it has like's dtype, else a tensor of `shape` that holds no memory: the
+    convolution backward reads only the shape of the operand it does not differentiate by."""
+    if t is not None and t.dtype == like.dtype:
+        return t
+    return like.new_empty(()).expand(shape)
+
+
+# ---- the products ---------------------------------------------------------------------------
+
+
+def _apply(x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry | None) -> Tensor:
+    if geometry is None:
+        return F.linear(x, w, bias)
+    return F.conv2d(x, w, bias, *geometry)
+
+
+def _input_product(g: Tensor, w: Tensor, x_like: Tensor | None, x_shape: torch.Size,
+                   geometry: Geometry | None) -> Tensor:
+    if geometry is None:  # linear over any leading dims: (..., out) -> (..., in)
+        return g @ w
+    return torch.ops.aten.convolution_backward(
+        g, _like(x_like, x_shape, g), w, None, geometry.stride, geometry.padding,
+        geometry.dilation, False, [0, 0], geometry.groups, [True, False, False])[0]
+
+
+def _weight_product(g: Tensor, x: Tensor, w_like: Tensor | None, w_shape: torch.Size,
+                    geometry: Geometry | None) -> Tensor:
+    if geometry is None:
+        return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return torch.ops.aten.convolution_backward(
+        g, x, _like(w_like, w_shape, x), None, geometry.stride, geometry.padding,
+        geometry.dilation, False, [0, 0], geometry.groups, [False, True, False])[1]
+
+
+def _per_channel(bias: Tensor, geometry: Geometry | None) -> Tensor:
+    return bias if geometry is None else bias.view(1, -1, 1, 1)
+
+
+def _is_matmul(geometry: Geometry | None, w_shape: torch.Size) -> bool:
+    """A linear layer, or a 1x1 stride-1 unpadded ungrouped convolution: a plain product."""
+    if geometry is None:
+        return True
+    return (tuple(w_shape[2:]) == (1, 1) and geometry.stride == (1, 1) and
+            geometry.padding == (0, 0) and geometry.groups == 1)
+
+
+def _int_mm_fits(m: int, k: int, n: int) -> bool:
+    """The shapes torch._int_mm takes on a GPU (cuBLASLt: m > 16, k and n multiples of 8),
+    required everywhere so that a CPU run takes the same path; and int32 holds every sum
+    (K products of at most 2^14)."""
+    return m > 16 and k >= 16 and k % 8 == 0 and n % 8 == 0 and k <= 2**31 // 2**14
+
+
+def _rows(t: Tensor, geometry: Geometry | None):  # noqa: ANN202
+    """t as a (rows, k) matrix of a plain product, and the map of a (rows, n) result back to
+    the layer's output layout."""
+    if geometry is None:
+        lead = t.shape[:-1]
+        return t.reshape(-1, t.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
+    n, _, h, w = t.shape  # 1x1 convolution: channels are the product's k
+    rows = t.permute(0, 2, 3, 1).reshape(n * h * w, -1)
+    return rows, lambda y: y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _int8_product(a: Tensor, a_zero: Tensor, b: Tensor, b_zero: Tensor) -> Tensor:
+    """a b^T for centred codes a (m, k) and b (n, k) with zero points (scalar for a, scalar or
+    per row of b), exactly, by an int8 GEMM: with a = a8 + c_a, a8 = q_a - 128 in int8 and
+    c_a = 128 - z_a (likewise b), a b^T = a8 b8^T + c_b rowsum(a8) + c_a colsum(b8) + k c_a c_b."""
+    c_a, c_b = 128 - a_zero, 128 - b_zero
+    a8 = (a.float() - c_a).to(torch.int8)
+    b8 = (b.float() - c_b.reshape(-1, 1)).to(torch.int8)
+    k = a.shape[1]
+    prod = torch._int_mm(a8.contiguous(), b8.contiguous().t()).double()  # exact int32
+    rows = a8.sum(1, dtype=torch.int64).double().unsqueeze(1)
+    cols = b8.sum(1, dtype=torch.int64).double().unsqueeze(0)
+    c_a, c_b = c_a.double(), c_b.double().reshape(1, -1)
+    return (prod + c_b * rows + c_a * cols + k * c_a * c_b).float()
