@@ -184,6 +184,12 @@ def _weight_product(g: Tensor, x: Tensor, w_like: Tensor | None, w_shape: torch.
                     geometry: Geometry | None) -> Tensor:
     if geometry is None:
         return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    if g.dtype == CODE_DTYPE and g.device.type == "cpu":
+        # PyTorch's CPU convolution (oneDNN) leaves parts of a bf16 weight gradient
+        # uninitialised (torch 2.14, seen with padding); its fp32 one on the same integers,
+        # rounded to bf16, is what a GPU's bf16 convolution computes (fp32 accumulation)
+        w_like = None if w_like is None else w_like.float()
+        return _weight_product(g.float(), x.float(), w_like, w_shape, geometry).to(CODE_DTYPE)
     return torch.ops.aten.convolution_backward(
         g, x, _like(w_like, w_shape, x), None, geometry.stride, geometry.padding,
         geometry.dilation, False, [0, 0], geometry.groups, [False, True, False])[1]

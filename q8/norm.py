@@ -159,7 +159,7 @@ class RangeBNFn(torch.autograd.Function):
         g_beta, g_gamma = s_g.sum(0), s_gx.sum(0) / S  # sums of g and of g * x_tilde
         sum_g, sum_gx = g_beta, g_gamma  # over the values that set mean and sigma
         if ctx.group is not None:
-            sums = torch.cat([g_beta, g_gamma, g_beta.new_tensor([n])])
+            sums = torch.cat([g_beta, g_gamma, g_beta.new_full((1,), n)])
             dist.all_reduce(sums, group=ctx.group)
             sum_g, sum_gx, n = sums[:C], sums[C : 2 * C], sums[-1]
         # x_tilde = (x - mean) / S, S = sqrt(sigma^2 + eps), sigma = sum_k c_k range_k / K:
@@ -180,7 +180,9 @@ def _all_reduce_stats(group, value_sum: Tensor, count: int, sigma: Tensor,  # no
     c(n_k) * range_k over all ranks' chunks (one all-reduce). Returns mean, sigma and the
     chunks' coefficients rescaled from 1/K to 1/K_total, for backward."""
     k = len(coef)
-    stats = torch.cat([value_sum, sigma * k, value_sum.new_tensor([count, k])])
+    # counts by fill, not from a host list: a copy from the host would wait for the GPU
+    counts = torch.cat([value_sum.new_full((1,), count), value_sum.new_full((1,), k)])
+    stats = torch.cat([value_sum, sigma * k, counts])
     dist.all_reduce(stats, group=group)
     C = value_sum.numel()
     total_count, total_k = stats[-2], stats[-1]

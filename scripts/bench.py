@@ -1,10 +1,13 @@
-"""Training-step benchmark: q8 presets against fp32, in one process, on the same model and input.
+"""Training-step benchmark: q8 presets against fp32 (and bf16 AMP on a GPU), in one process, on
+the same model and input.
 
     python scripts/bench.py                                  # resnet18, 32x32, batch 128, CPU
     python scripts/bench.py --model resnet50 --batch 256 --presets fp32,q8_bifurcated,q8
-    python scripts/bench.py --device cuda --image-size 224   # on a GPU
+    python scripts/bench.py --device cuda --model resnet50 --image-size 224 \
+        --gemm dequantized,codes,int8                        # a GPU: every GEMM mode, bf16 AMP
 
-Per preset: median step time (forward, backward, SGD step), its ratio to fp32, images/s,
+Per preset: median step time (forward, backward, SGD step), its ratio to fp32 (and to bf16
+autocast, `bf16_amp`, with channels_last: what GPU users run), images/s,
 bytes autograd saves for backward (each storage once; parameters, alive anyway, not counted)
 and its ratio to fp32, and peak memory (CUDA peak allocated, or peak RSS growth on the CPU).
 Steps of all presets are interleaved, and the time ratio is the median over steps of each
@@ -46,16 +49,23 @@ def load_preset(name: str) -> q8.QuantConfig:
     return q8.QuantConfig.from_dict(d)
 
 
-def build(model_name: str, config: q8.QuantConfig, num_classes: int, device: str) -> nn.Module:
+AMP = "bf16_amp"  # fp32 weights, bf16 autocast: the baseline of GPU training
+
+
+def build(model_name: str, config: q8.QuantConfig, num_classes: int, device: str,
+          channels_last: bool = False) -> nn.Module:
     """The timm model quantized as `config` says (on its backend), on `device`."""
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(model_name, num_classes=num_classes)
-    return q8.quantize_model(model, config).to(device).train()
+    model = q8.quantize_model(model, config).to(device).train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+def saved_bytes(model: nn.Module, loss_fn) -> int:  # noqa: ANN001
+    """Bytes autograd keeps for the backward of loss_fn() (each storage once, parameters not
+    counted; autocast's bf16 copies of them are)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -66,7 +76,7 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = loss_fn()
     loss.backward()
     model.zero_grad(set_to_none=True)
     return sum(seen.values())
@@ -116,6 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--presets", default="fp32,q8_bifurcated")
+    p.add_argument("--gemm", default="dequantized",
+                   help="comma-separated GEMM modes (QuantConfig.gemm) of every q8 preset")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                   help="also time fp32 weights under bf16 autocast (bf16_amp); auto = on CUDA")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="models and input in channels_last; auto = on CUDA")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps per preset")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (and compilation)")
@@ -126,34 +142,53 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also print torch.profiler's top operators of one step per preset")
     args = p.parse_args(argv)
 
-    names = [n.strip() for n in args.presets.split(",") if n.strip()]
-    if "fp32" not in names:
-        names.insert(0, "fp32")
-    configs = {n: dataclasses.replace(load_preset(n), backend=args.backend) for n in names}
     dev = args.device
+    on_cuda = dev.startswith("cuda")
+    amp = args.amp == "on" or (args.amp == "auto" and on_cuda)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and on_cuda)
+    presets = [n.strip() for n in args.presets.split(",") if n.strip() and n.strip() != "fp32"]
+    modes = [m.strip() for m in args.gemm.split(",") if m.strip()]
+    configs: dict[str, q8.QuantConfig] = {"fp32": load_preset("fp32")}
+    if amp:
+        configs[AMP] = load_preset("fp32")
+    for preset in presets:
+        for mode in modes:
+            name = preset if modes == ["dequantized"] else f"{preset}[{mode}]"
+            configs[name] = dataclasses.replace(load_preset(preset), backend=args.backend,
+                                                gemm=mode)
+    names = list(configs)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(dev)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(dev)
-    models = {n: build(args.model, c, args.num_classes, dev) for n, c in configs.items()}
+    models = {n: build(args.model, c, args.num_classes, dev, channels_last)
+              for n, c in configs.items()}
     opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in models.items()}
 
+    def loss_of(name: str) -> torch.Tensor:
+        with torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=name == AMP):
+            return nn.functional.cross_entropy(models[name](x), y)
+
     def step(name: str) -> float:
-        m, opt = models[name], opts[name]
-        if dev == "cuda":
+        opt = opts[name]
+        if on_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(m(x), y).backward()
+        loss_of(name).backward()
         opt.step()
-        if dev == "cuda":
+        if on_cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    results: dict[str, dict] = {n: {"preset": n, "config": configs[n].short_str()} for n in names}
+    results: dict[str, dict] = {n: {"preset": n, "config": "bf16 autocast" if n == AMP else
+                                    configs[n].short_str() + f" gemm={configs[n].gemm}"}
+                                for n in names}
     for n in names:  # memory first, one preset at a time, before the timing warms caches
         r = results[n]
-        r["saved_bytes"] = saved_bytes(models[n], x, y)
-        if dev == "cuda":
+        r["saved_bytes"] = saved_bytes(models[n], lambda n=n: loss_of(n))
+        if on_cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -177,11 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
         for n in names:
             with profile(activities=acts) as prof:
                 step(n)
-            key = "cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            key = "cuda_time_total" if on_cuda else "self_cpu_time_total"
             print(f"\n== {n}: where one step's time goes")
             print(prof.key_averages().table(sort_by=key, row_limit=15))
 
@@ -196,25 +231,41 @@ def main(argv: list[str] | None = None) -> dict:
         r["step_ratio_of_medians"] = r["step_ms"] / base["step_ms"]
         r["saved_ratio"] = r["saved_bytes"] / base["saved_bytes"]
         r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+        if amp:  # against the baseline GPU users run
+            r["amp_step_ratio"], r["amp_step_ratio_iqr"] = paired_ratio(times[n], times[AMP])
+            peak = results[AMP]["peak_bytes"]
+            r["amp_peak_ratio"] = r["peak_bytes"] / peak if peak else None
 
     threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU, {threads} threads"
+    where = torch.cuda.get_device_name() if on_cuda else f"CPU, {threads} threads"
     kernels = Kernels(args.backend).on(x).name
     header = (f"{args.model} {args.image_size}x{args.image_size} batch {args.batch} on {where}, "
               f"median of {args.steps} steps, q8 backend: {kernels}"
-              "; time x fp32: median of paired step ratios (interquartile range)")
+              f"{', channels_last' if channels_last else ''}"
+              "; time ratios: median of paired step ratios (interquartile range)")
     print(header)
-    cols = ["preset", "step ms", "x fp32", "img/s", "saved MiB", "x fp32", "peak MiB", "x fp32"]
+    cols = ["preset", "step ms", "x fp32", *(["x bf16 AMP"] if amp else []), "img/s",
+            "saved MiB", "x fp32", "peak MiB", "x fp32", *(["x bf16 AMP"] if amp else [])]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+
+    def ratio(value: float, iqr: list[float]) -> str:
+        return f"{value:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
+
+    def maybe(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
     for n in names:
         r = results[n]
-        peak = f"{r['peak_ratio']:.2f}" if r["peak_ratio"] is not None else "-"
-        lo, hi = r["step_ratio_iqr"]
-        ratio = f"{r['step_ratio']:.2f} ({lo:.2f}-{hi:.2f})"
-        print(f"| {n} | {r['step_ms']:.1f} | {ratio} | {r['images_per_s']:.0f} | "
-              f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_ratio']:.3f} | "
-              f"{r['peak_bytes'] / 2**20:.1f} | {peak} |")
+        cells = [n, f"{r['step_ms']:.1f}", ratio(r["step_ratio"], r["step_ratio_iqr"])]
+        if amp:
+            cells.append(ratio(r["amp_step_ratio"], r["amp_step_ratio_iqr"]))
+        cells += [f"{r['images_per_s']:.0f}", f"{r['saved_bytes'] / 2**20:.1f}",
+                  f"{r['saved_ratio']:.3f}", f"{r['peak_bytes'] / 2**20:.1f}",
+                  maybe(r["peak_ratio"])]
+        if amp:
+            cells.append(maybe(r["amp_peak_ratio"]))
+        print("| " + " | ".join(cells) + " |")
     out = {"header": header, "args": vars(args), "torch": torch.__version__,
            "results": list(results.values())}
     if args.json:

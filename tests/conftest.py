@@ -69,7 +69,31 @@ def device_of(backend: str) -> str:
     return "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=FAST_BACKENDS)
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)]
+                     if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    """The CPU, and a GPU where there is one (those cases carry the `cuda` marker). On a GPU
+    fp32 GEMMs run in true fp32 here (no TF32), so that bounds from fp32's rounding hold."""
+    if request.param == "cuda":
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield "cuda"
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    else:
+        yield "cpu"
+
+
+def backend_params(names: list[str]) -> list:
+    """pytest params of backend names; `cuda` on a GPU carries the `cuda` marker."""
+    gpu = torch.cuda.is_available()
+    return [pytest.param(n, marks=pytest.mark.cuda) if n == "cuda" and gpu else n
+            for n in names]
+
+
+@pytest.fixture(params=backend_params(FAST_BACKENDS))
 def backend(request: pytest.FixtureRequest) -> str:
     """Each kernel backend that runs here at speed (the interpreted `cuda` backend is checked
     op by op in tests/test_q8_kernels.py, too slowly for whole layers)."""

@@ -33,3 +33,23 @@ def test_bench_prints_the_table_and_writes_json(load_script, tmp_path: Path, cap
     # saved activations are 8-bit codes (1/4 of fp32) or 1-bit ReLU masks (1/32), plus scales
     # and Range BN's per-chunk extremes, which weigh more on tiny images (0.24 at 32x32, b128)
     assert q8["saved_ratio"] == q8["saved_bytes"] / fp32["saved_bytes"] < 0.4
+
+
+def test_gemm_curves_runs_every_mode_and_writes_its_files(load_script, tmp_path: Path) -> None:
+    curves = load_script("gemm_curves")
+    out = curves.main(["--steps", "4", "--window", "2", "--seeds", "0,1", "--batch", "8",
+                       "--image-size", "16", "--out", str(tmp_path)])
+    assert set(out["verdicts"]) == {"codes", "int8"}
+    assert all(len(v["diffs"]) == 2 for v in out["verdicts"].values())
+    rows = (tmp_path / "curves.csv").read_text().splitlines()
+    assert rows[0] == "mode,seed,step,loss" and len(rows) == 1 + 3 * 2 * 4
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_curve_verdict_is_twice_the_seed_spread(load_script) -> None:
+    curves = load_script("gemm_curves")
+    base = {0: [1.0, 1.0], 1: [3.0, 3.0]}  # window sd sqrt(2): bound 2.83
+    near = {"dequantized": base, "codes": {0: [4.0, 4.0], 1: [4.0, 4.0]}}  # 2 from the mean
+    far = {"dequantized": base, "codes": {0: [5.0, 5.0], 1: [5.0, 5.0]}}  # 3 from the mean
+    assert curves.verdicts(near, 2)["codes"]["agrees"]
+    assert not curves.verdicts(far, 2)["codes"]["agrees"]

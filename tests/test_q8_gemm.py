@@ -25,7 +25,7 @@ EPS = 2.0**-24
 def _pair(layer_cls, args, mode, config, x, gy, seed=3):
     """Output, dL/dx, dL/dW of one twin in `mode`, with the same weights, input and noise."""
     torch.manual_seed(0)
-    layer = layer_cls(*args, q8_config=dataclasses.replace(config, gemm=mode))
+    layer = layer_cls(*args, q8_config=dataclasses.replace(config, gemm=mode)).to(x.device)
     xi = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = layer(xi)
@@ -50,24 +50,26 @@ CONVS = {  # name: (in, out, kernel, kwargs, input shape)
     "3x3": (16, 24, 3, {"padding": 1}, (4, 16, 9, 9)),
     "1x1": (16, 24, 1, {}, (4, 16, 5, 5)),  # a plain product: int8 runs it
     "grouped-stride2": (16, 24, 3, {"padding": 1, "stride": 2, "groups": 4}, (4, 16, 9, 9)),
+    # taps that see only padding (ResNet's last stage on small images): their gradient is 0
+    "3x3-on-1x1": (16, 24, 3, {"padding": 1, "stride": 2}, (4, 16, 1, 1)),
 }
 
 
 @pytest.mark.parametrize("mode", ["codes", "int8"])
 @pytest.mark.parametrize("name", CONVS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv_forward_within_the_bound(mode, name, channels_last):
+def test_conv_forward_within_the_bound(device, mode, name, channels_last):
     cin, cout, k, kw, shape = CONVS[name]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=g).relu()
+    x = torch.randn(shape, generator=g).relu().to(device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     cfg = QuantConfig(grad_rounding="nearest")
     torch.manual_seed(0)
-    deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg)
+    deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg).to(device)
     torch.manual_seed(0)
     other = QuantConv2d(cin, cout, k, **kw, q8_config=dataclasses.replace(cfg, gemm=mode))
-    y_d, y_m = deq(x), other(x)
+    y_d, y_m = deq(x), other.to(device)(x)
     xi, sx = _centred(x, 8)
     wi, sw = _centred(deq.weight.detach(), 8)
     geometry = (deq.stride, deq.padding, deq.dilation, deq.groups)
@@ -83,11 +85,12 @@ def test_conv_forward_within_the_bound(mode, name, channels_last):
 
 
 @pytest.mark.parametrize("mode", ["codes", "int8"])
-def test_linear_forward_and_data_path_int8_is_exact(mode):
+def test_linear_forward_and_data_path_int8_is_exact(device, mode):
     """A linear layer of 32 rows (> 16, k and n multiples of 8): int8's products are exact, so
     the difference from the dequantized mode is the accumulation's alone."""
     g = torch.Generator().manual_seed(2)
-    x, gy = torch.randn(32, 64, generator=g), torch.randn(32, 40, generator=g)
+    x = torch.randn(32, 64, generator=g).to(device)
+    gy = torch.randn(32, 40, generator=g).to(device)
     cfg = QuantConfig(grad_rounding="nearest")
     y_d, gx_d, gw_d, deq = _pair(QuantLinear, (64, 40), "dequantized", cfg, x, gy)
     y_m, gx_m, gw_m, _ = _pair(QuantLinear, (64, 40), mode, cfg, x, gy)
@@ -107,17 +110,18 @@ def test_linear_forward_and_data_path_int8_is_exact(mode):
 
 @pytest.mark.parametrize("mode", ["codes", "int8"])
 @pytest.mark.parametrize("name", CONVS)
-def test_conv_backward_within_the_bound(mode, name):
+def test_conv_backward_within_the_bound(device, mode, name):
     """dL/dx (8-bit g_l and W) and dL/dW (16-bit g_l in two bytes and x), nearest rounding."""
     cin, cout, k, kw, shape = CONVS[name]
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(shape, generator=g).relu()
+    x = torch.randn(shape, generator=g).relu().to(device)
     cfg = QuantConfig(grad_rounding="nearest")
     torch.manual_seed(0)
-    deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg)
+    deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg).to(device)
     torch.manual_seed(0)
-    other = QuantConv2d(cin, cout, k, **kw, q8_config=dataclasses.replace(cfg, gemm=mode))
-    gy = torch.randn(deq(x).shape, generator=g)
+    other = QuantConv2d(cin, cout, k, **kw,
+                        q8_config=dataclasses.replace(cfg, gemm=mode)).to(device)
+    gy = torch.randn(deq(x).shape, generator=g).to(device)
     grads = []
     for layer in (deq, other):
         xi = x.clone().requires_grad_(True)
@@ -147,11 +151,12 @@ def test_conv_backward_within_the_bound(mode, name):
     assert ((gw_m.double() - gw_d.double()).abs() <= tol + 1e-30).all()
 
 
-def test_per_channel_weights_keep_the_data_path_dequantized():
+def test_per_channel_weights_keep_the_data_path_dequantized(device):
     """Per-channel weight scales vary along dL/dx's summed channels: codes runs that GEMM on
     the dequantized values, the same floats as the dequantized mode."""
     g = torch.Generator().manual_seed(4)
-    x, gy = torch.randn(4, 16, 7, 7, generator=g), torch.randn(4, 24, 5, 5, generator=g)
+    x = torch.randn(4, 16, 7, 7, generator=g).to(device)
+    gy = torch.randn(4, 24, 5, 5, generator=g).to(device)
     cfg = QuantConfig(per_channel_weights=True, grad_rounding="nearest")
     _, gx_d, _, _ = _pair(QuantConv2d, (16, 24, 3), "dequantized", cfg, x, gy)
     _, gx_c, _, _ = _pair(QuantConv2d, (16, 24, 3), "codes", cfg, x, gy)
@@ -164,21 +169,21 @@ def _sqnr_db(ref, approx):
 
 @pytest.mark.parametrize("mode", ["codes", "int8"])
 @pytest.mark.parametrize("name", CONVS)
-def test_weight_gradient_sqnr_within_half_a_db_of_the_dequantized_mode(mode, name):
+def test_weight_gradient_sqnr_within_half_a_db_of_the_dequantized_mode(device, mode, name):
     """The paper's setting (stochastic rounding, a 16-bit g_l copy): dL/dW's SQNR against fp32
     autograd loses at most 0.5 dB to bf16's output rounding (8-bit inputs set it: ~40 dB)."""
     cin, cout, k, kw, shape = CONVS[name]
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(shape, generator=g)
+    x = torch.randn(shape, generator=g).to(device)
     torch.manual_seed(0)
-    ref = torch.nn.Conv2d(cin, cout, k, **kw)
-    gy = torch.randn(ref(x).shape, generator=g)
+    ref = torch.nn.Conv2d(cin, cout, k, **kw).to(device)
+    gy = torch.randn(ref(x).shape, generator=g).to(device)
     xr = x.clone().requires_grad_(True)
     ref(xr).backward(gy)
     sqnr = {}
     for m in ("dequantized", mode):
         torch.manual_seed(0)
-        layer = QuantConv2d(cin, cout, k, **kw, q8_config=QuantConfig(gemm=m))
+        layer = QuantConv2d(cin, cout, k, **kw, q8_config=QuantConfig(gemm=m)).to(device)
         torch.manual_seed(7)  # the same noise in both modes
         layer(x).backward(gy)
         sqnr[m] = _sqnr_db(ref.weight.grad.double(), layer.weight.grad.double())
@@ -186,7 +191,7 @@ def test_weight_gradient_sqnr_within_half_a_db_of_the_dequantized_mode(mode, nam
 
 
 @pytest.mark.parametrize("mode", ["dequantized", "codes", "int8"])
-def test_each_mode_trains_a_network_on_a_fixed_batch(mode):
+def test_each_mode_trains_a_network_on_a_fixed_batch(device, mode):
     """Eight SGD steps on one batch, fixed seeds, the CPU: deterministic, and the loss falls."""
     from torch import nn
 
@@ -196,9 +201,10 @@ def test_each_mode_trains_a_network_on_a_fixed_batch(mode):
     model = quantize_model(nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 1),
         nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)),
-        QuantConfig(gemm=mode))
+        QuantConfig(gemm=mode)).to(device)
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 10, (32,), generator=g)
+    x = torch.randn(32, 3, 8, 8, generator=g).to(device)
+    y = torch.randint(0, 10, (32,), generator=g).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for _ in range(8):

@@ -22,7 +22,7 @@ import q8.kernels as kernels
 from q8 import QuantConfig, quantize_model
 from q8.kernels import BackendUnavailable, Kernels, load
 from q8.kernels.reference import Reference, minmax
-from tests.conftest import BACKENDS, device_of
+from tests.conftest import BACKENDS, backend_params, device_of
 
 REF = Reference()
 FAST = [b for b in BACKENDS if b != "reference"]  # the backends held to the reference
@@ -40,7 +40,7 @@ def same(a, b) -> bool:
         nan = a.isnan()
         if not torch.equal(nan, b.isnan()):
             return False
-        bits = torch.int32 if a.dtype == torch.float32 else torch.int64
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
         return torch.equal(a[~nan].contiguous().view(bits), b[~nan].contiguous().view(bits))
     return torch.equal(a.cpu(), b.cpu())
 
@@ -72,7 +72,7 @@ def layouts(x):
 SHAPES = [(1,), (13,), (3, 5), (2, 3, 4), (4, 6, 5, 7), (1, 3, 1, 1), (2, 8, 2, 2)]
 
 
-@pytest.fixture(params=FAST)
+@pytest.fixture(params=backend_params(FAST))
 def fast(request):
     return request.param
 
@@ -118,6 +118,23 @@ def test_grad_pair_on_a_large_tensor_crosses_the_kernels_blocks(fast):
     g = on(fast, _values((40_003,), 2, 1e-3))  # not a multiple of a block or of 8
     for seed in SEEDS:
         assert all_same(load(fast).grad_pair(g, 8, 16, seed), REF.grad_pair(g, 8, 16, seed))
+
+
+@pytest.mark.parametrize("bits,wbits", [(8, 16), (8, 8), (8, None), (4, 12)])
+def test_gemm_operands(fast, bits, wbits):
+    """The centred codes q - z the GEMM modes multiply (q8.gemm), with scale and zero point."""
+    k = load(fast)
+    for x in layouts(_values((4, 6, 5, 7), 11)):
+        x = on(fast, x)
+        saved = REF.quantize_input(x, *minmax(x), 8)[1]
+        assert all_same(k.restore_codes(saved), REF.restore_codes(saved))
+        w = x[0].clone()
+        qp = REF.quantize_weight(w, bits, True)[1]
+        assert all_same(k.weight_codes(w, bits, qp), REF.weight_codes(w, bits, qp))
+        for seed in SEEDS:
+            for need in ((True, True), (True, False), (False, True)):
+                assert all_same(k.grad_pair_codes(x * 1e-3, bits, wbits, seed, *need),
+                                REF.grad_pair_codes(x * 1e-3, bits, wbits, seed, *need))
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NumPy, in Triton's interpreter
@@ -276,8 +293,9 @@ def _step(backend, config=None, model=_tiny_net, shape=(8, 3, 12, 12)):
 
 
 @pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(bn="batchnorm"),
-                                    QuantConfig(wgrad_bits=None, per_channel_weights=True)],
-                         ids=["paper", "batchnorm", "fp32-wgrad"])
+                                    QuantConfig(wgrad_bits=None, per_channel_weights=True),
+                                    QuantConfig(gemm="codes"), QuantConfig(gemm="int8")],
+                         ids=["paper", "batchnorm", "fp32-wgrad", "codes", "int8"])
 def test_a_training_step_is_the_same_on_every_backend(fast, config):
     """Loss, every gradient and every buffer (running statistics and ranges) to the bit."""
     assert all_same(_step(fast, config), _step("reference", config))
@@ -325,7 +343,7 @@ def test_an_empty_batch_gives_empty_outputs_and_leaves_the_statistics(backend, b
             assert torch.equal(after[key], value), key
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", backend_params(BACKENDS))
 def test_empty_tensors_on_every_op(backend_name):
     k = load(backend_name)
     x = on(backend_name, torch.zeros(0, 3, 4, 4))
@@ -349,7 +367,7 @@ def test_a_batch_of_one_and_non_contiguous_inputs_train(backend):
         assert torch.isfinite(x.grad).all() and x.grad.shape == x.shape
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("backend_name", backend_params(BACKENDS))
 def test_more_than_2_to_31_elements_is_refused_clearly(backend_name):
     """An expanded tensor has 2^31 elements and no memory: refused before any kernel runs."""
     big = on(backend_name, torch.zeros(1)).expand(2**31)

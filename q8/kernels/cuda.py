@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from q8.gemm import Operand
 from q8.kernels import BackendUnavailable
-from q8.kernels.reference import Reference
+from q8.kernels.reference import Reference, centred_dtype, qparams
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024  # elements per program of the elementwise kernels
@@ -103,18 +104,22 @@ def _quantize_input(x_ptr, codes_ptr, xhat_ptr, lo_ptr, hi_ptr, scale_ptr, zp_pt
 
 @triton.jit
 def _dequantize(codes_ptr, out_ptr, scale_ptr, zp_ptr, n, C, HW, sB, sC, sHW,
-                BLOCK: tl.constexpr):
+                CENTRED: tl.constexpr, BLOCK: tl.constexpr):
+    """x_hat = (q - z) s, or with CENTRED q - z (in out's dtype: a GEMM operand)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     at = _offset(i, C, HW, sB, sC, sHW)
-    q = tl.load(codes_ptr + at, mask=mask).to(tl.float32)
-    tl.store(out_ptr + at, (q - tl.load(zp_ptr)) * tl.load(scale_ptr), mask=mask)
+    v = tl.load(codes_ptr + at, mask=mask).to(tl.float32) - tl.load(zp_ptr)
+    if not CENTRED:
+        v = v * tl.load(scale_ptr)
+    tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sHW, seed,
                levels, top, wlevels, wtop, STOCHASTIC: tl.constexpr, DATA: tl.constexpr,
-               WEIGHT: tl.constexpr, BLOCK: tl.constexpr):
+               WEIGHT: tl.constexpr, CENTRED: tl.constexpr, BLOCK: tl.constexpr):
+    """Both copies of g_l as x_hat, or with CENTRED as q - z (in each output's dtype)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     at = _offset(i, C, HW, sB, sC, sHW)
@@ -122,12 +127,16 @@ def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sH
     g = tl.load(g_ptr + at, mask=mask)
     if DATA:
         scale, zero_point = _grid(lo, hi, levels)
-        q = _code(g, scale, zero_point, top, i, seed, STOCHASTIC)
-        tl.store(data_ptr + at, (q - zero_point) * scale, mask=mask)
+        v = _code(g, scale, zero_point, top, i, seed, STOCHASTIC) - zero_point
+        if not CENTRED:
+            v = v * scale
+        tl.store(data_ptr + at, v.to(data_ptr.dtype.element_ty), mask=mask)
     if WEIGHT:
         scale, zero_point = _grid(lo, hi, wlevels)
-        q = _code(g, scale, zero_point, wtop, i, seed, STOCHASTIC)
-        tl.store(weight_ptr + at, (q - zero_point) * scale, mask=mask)
+        v = _code(g, scale, zero_point, wtop, i, seed, STOCHASTIC) - zero_point
+        if not CENTRED:
+            v = v * scale
+        tl.store(weight_ptr + at, v.to(weight_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -364,28 +373,66 @@ class Cuda(Reference):
         codes, geometry = _geometry(codes)
         out = torch.empty_like(codes, dtype=torch.float32)
         _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
-                                            *geometry,
-                                            BLOCK=BLOCK, **_OPTS)
+                                            *geometry, CENTRED=False, BLOCK=BLOCK, **_OPTS)
         return out
+
+    def restore_codes(self, saved: tuple[Tensor, ...]) -> Operand:
+        if not (_codes(saved) and _native(saved[0])):
+            return super().restore_codes(saved)
+        codes, scale, zero_point = saved
+        codes, geometry = _geometry(codes)
+        out = torch.empty_like(codes, dtype=centred_dtype(8))
+        _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
+                                            *geometry, CENTRED=True, BLOCK=BLOCK, **_OPTS)
+        return Operand(out, scale, zero_point)
 
     def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
         if bits is None or not _native(g):
             return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
+        data, weight, _ = self._grad_pair(g, bits, wbits, seed, need_data, need_weight, False)
+        return data, weight
+
+    def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
+                        seed: int | None, need_data: bool = True, need_weight: bool = True
+                        ) -> tuple[Operand | None, Operand | None]:
+        if bits is None or not _native(g):
+            return super().grad_pair_codes(g, bits, wbits, seed, need_data, need_weight)
+        data, weight, (lo, hi) = self._grad_pair(g, bits, wbits, seed, need_data, need_weight,
+                                                 True)
+
+        def operand(t: Tensor | None, b: int | None) -> Operand | None:
+            if t is None or b is None:
+                return None if t is None else Operand(t)
+            return Operand(t, *qparams(lo, hi, b))  # the kernel's scale and zero point
+
+        if wbits == bits:
+            both = operand(data, bits)
+            return both, both
+        return operand(data, bits), operand(weight, wbits)
+
+    def _grad_pair(self, g: Tensor, bits: int, wbits: int | None, seed: int | None,
+                   need_data: bool, need_weight: bool, centred: bool) -> tuple:
+        """The g_l pair (x_hat, or centred codes) and g's range, from one kernel."""
         g, geometry = _geometry(g)
         lo, hi = torch.aminmax(g)
         shared = wbits == bits
-        data = torch.empty_like(g) if need_data or shared else None
-        weight = torch.empty_like(g) if need_weight and not shared and wbits is not None else None
+
+        def out(b: int) -> Tensor:
+            return torch.empty_like(g, dtype=centred_dtype(b) if centred else torch.float32)
+
+        data = out(bits) if need_data or shared else None
+        weight = out(wbits) if need_weight and not shared and wbits is not None else None
         _grad_pair[_blocks(g.numel())](
             g, data if data is not None else g, weight if weight is not None else g, lo, hi,
             g.numel(), *geometry, _seed(seed), *_levels(bits), *_levels(wbits or bits),
             STOCHASTIC=seed is not None, DATA=data is not None, WEIGHT=weight is not None,
-            BLOCK=BLOCK, **_OPTS)
+            CENTRED=centred, BLOCK=BLOCK, **_OPTS)
         if shared:
-            return data, data
-        return data, (g if wbits is None else weight) if need_weight else None
+            return data, data, (lo, hi)
+        weight = (g if wbits is None else weight) if need_weight else None
+        return data, weight, (lo, hi)
 
     def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
         if not _native(x):
