@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("cpu.cpp")
 def build() -> object:
     """torch.ops.q8_cpu, compiled on the first call; raises where it cannot be built."""
     flags = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-    name = "q8_cpu_kernels"
+    name = "q8_cpu_backend"
     if platform.machine() in ("x86_64", "AMD64") and torch.backends.cpu.get_cpu_capability() in (
             "AVX2", "AVX512"):
         flags, name = [*flags, "-mavx2"], name + "_avx2"
