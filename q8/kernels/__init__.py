@@ -21,12 +21,24 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from q8.kernels.reference import Reference
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 MAX_NUMEL = 2**31 - 1  # elements of one tensor: the most that q8's kernels are tested to index
+
+
+def takes(*tensors: Tensor) -> bool:
+    """Whether a fused backend's kernels take these tensors: float32 (or uint8 codes), the first
+    non-empty; anything else runs the reference's ops."""
+    return all(t.dtype in (torch.float32, torch.uint8) for t in tensors) and tensors[0].numel() > 0
+
+
+def holds_codes(saved: tuple[Tensor, ...]) -> bool:
+    """Whether a saved input is 8-bit codes (codes, scale, zero point), not a float tensor."""
+    return len(saved) == 3 and saved[0].dtype == torch.uint8
 
 
 class BackendUnavailable(RuntimeError):

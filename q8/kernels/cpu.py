@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from q8.kernels import holds_codes, takes
 from q8.kernels.reference import Reference, _window_origins
 
 log = logging.getLogger("q8")
@@ -58,13 +59,6 @@ def build() -> object:
         os.environ["PATH"] = path
 
 
-def _native(*tensors: Tensor) -> bool:
-    """Whether the kernels take these: non-empty float32 (uint8 codes) tensors."""
-    return all(t.dtype in (torch.float32, torch.uint8) for t in tensors) and tensors[0].numel() > 0
-
-
-def _codes(saved: tuple[Tensor, ...]) -> bool:
-    return len(saved) == 3 and saved[0].dtype == torch.uint8
 
 
 class Cpu(Reference):
@@ -80,33 +74,33 @@ class Cpu(Reference):
 
     def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or bits > 8 or not _native(x):
+        if bits is None or bits > 8 or not takes(x):
             return super().quantize_input(x, lo, hi, bits)
         codes, x_hat, scale, zero_point = self.ops.quantize_input(x.contiguous(), lo, hi, bits)
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
-        if not (_codes(saved) and _native(saved[0])):
+        if not (holds_codes(saved) and takes(saved[0])):
             return super().restore(saved)
         return self.ops.dequantize(*saved)
 
     def quantize_weight(self, w: Tensor, bits: int | None,
                         per_channel: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or not _native(w):
+        if bits is None or not takes(w):
             return super().quantize_weight(w, bits, per_channel)
         w_hat, scale, zero_point = self.ops.quantize_weight(w.detach().contiguous(), bits,
                                                             per_channel)
         return w_hat, (scale, zero_point)
 
     def requantize_weight(self, w: Tensor, bits: int | None, qp: tuple[Tensor, ...]) -> Tensor:
-        if bits is None or not _native(w):
+        if bits is None or not takes(w):
             return super().requantize_weight(w, bits, qp)
         return self.ops.requantize_weight(w.detach().contiguous(), bits, *qp)
 
     def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
-        if bits is None or not _native(g):
+        if bits is None or not takes(g):
             return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
         stochastic = seed is not None
         if wbits is None:  # the weight path keeps g itself
@@ -117,13 +111,13 @@ class Cpu(Reference):
                                   need_data, need_weight)
 
     def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
-        if not (_native(x) and x.is_contiguous()):
+        if not (takes(x) and x.is_contiguous()):
             return super().relu(x, inplace)
         y = x if inplace else torch.empty_like(x)
         return y, self.ops.relu(x, y)
 
     def relu_backward(self, gy: Tensor, packed: Tensor) -> Tensor:
-        if not _native(gy):
+        if not takes(gy):
             return super().relu_backward(gy, packed)
         return self.ops.relu_backward(gy.contiguous(), packed)
 
@@ -160,21 +154,21 @@ class Cpu(Reference):
 
     def range_bn_stats(self, x: Tensor, lo: Tensor, hi: Tensor, bits: int | None
                        ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if bits is None or bits > 8 or not _native(x):
+        if bits is None or bits > 8 or not takes(x):
             return super().range_bn_stats(x, lo, hi, bits)
         codes, scale, zero_point, s, mn, mx = self.ops.range_bn_stats(x.contiguous(), lo, hi,
                                                                        bits)
         return (codes, scale, zero_point), s, mn, mx
 
     def range_bn_affine(self, saved: tuple[Tensor, ...], a: Tensor, b: Tensor) -> Tensor:
-        if not (_codes(saved) and _native(saved[0], a, b)):
+        if not (holds_codes(saved) and takes(saved[0], a, b)):
             return super().range_bn_affine(saved, a, b)
         return self.ops.range_bn_affine(*saved, a.contiguous(), b.contiguous())
 
     def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
                            t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
                            ) -> tuple[Tensor, ...]:
-        if bits is None or not (_codes(saved) and _native(gy, mean, t_max, t_min)):
+        if bits is None or not (holds_codes(saved) and takes(gy, mean, t_max, t_min)):
             return super().range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
         return self.ops.range_bn_grad_sums(*saved, gy.contiguous(), mean, t_max.contiguous(),
                                            t_min.contiguous(), bits, seed or 0, seed is not None)
@@ -184,7 +178,7 @@ class Cpu(Reference):
                             g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
                             w_min: Tensor) -> Tensor:
         stats = (a, g_mean, t_max, t_min, w_max, w_min)
-        if bits is None or not (_codes(saved) and _native(gy, *stats)):
+        if bits is None or not (holds_codes(saved) and takes(gy, *stats)):
             return super().range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
         return self.ops.range_bn_grad_input(*saved, gy.contiguous(), g_lo, g_hi, bits,
                                             seed or 0, seed is not None,

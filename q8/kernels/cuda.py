@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from q8.gemm import Operand
-from q8.kernels import BackendUnavailable
+from q8.kernels import BackendUnavailable, holds_codes, takes
 from q8.kernels.reference import Reference, centred_dtype, qparams
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -140,13 +140,19 @@ def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sH
 
 
 @triton.jit
-def _relu(x_ptr, y_ptr, packed_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
-    """y = relu(x) and the mask of y > 0, 8 flags (elements 8k..8k+7) per byte k."""
+def _mask_bytes(n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
+    """This program's mask bytes k, and per (byte, bit) its element's offset and validity:
+    flag j of byte k is element 8k + j."""
     k = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
     bit = tl.arange(0, 8)
     i = k[:, None] * 8 + bit[None, :]
-    mask = i < n
-    at = _offset(i, C, HW, sB, sC, sHW)
+    return k, bit, _offset(i, C, HW, sB, sC, sHW), i < n
+
+
+@triton.jit
+def _relu(x_ptr, y_ptr, packed_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
+    """y = relu(x) and the mask of y > 0, 8 flags (elements 8k..8k+7) per byte k."""
+    k, bit, at, mask = _mask_bytes(n, C, HW, sB, sC, sHW, BYTES)
     x = tl.load(x_ptr + at, mask=mask)
     y = tl.where(x < 0, 0.0, x)  # NaN passes
     tl.store(y_ptr + at, y, mask=mask)
@@ -156,11 +162,7 @@ def _relu(x_ptr, y_ptr, packed_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
 
 @triton.jit
 def _relu_backward(gy_ptr, packed_ptr, gx_ptr, n, C, HW, sB, sC, sHW, BYTES: tl.constexpr):
-    k = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    bit = tl.arange(0, 8)
-    i = k[:, None] * 8 + bit[None, :]
-    mask = i < n
-    at = _offset(i, C, HW, sB, sC, sHW)
+    k, bit, at, mask = _mask_bytes(n, C, HW, sB, sC, sHW, BYTES)
     flags = tl.load(packed_ptr + k, mask=k * 8 < n, other=0).to(tl.int32)
     on = ((flags[:, None] >> bit[None, :]) & 1) != 0
     gy = tl.load(gy_ptr + at, mask=mask)
@@ -310,12 +312,6 @@ def _seed(seed: int | None) -> int:
     return (seed or 0) % 2**32 + 2**32
 
 
-def _native(*tensors: Tensor) -> bool:
-    return all(t.dtype in (torch.float32, torch.uint8) for t in tensors) and tensors[0].numel() > 0
-
-
-def _codes(saved: tuple[Tensor, ...]) -> bool:
-    return len(saved) == 3 and saved[0].dtype == torch.uint8
 
 
 def _check(t: Tensor, numel: int, name: str) -> None:
@@ -353,7 +349,7 @@ class Cuda(Reference):
 
     def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or bits > 8 or not _native(x):
+        if bits is None or bits > 8 or not takes(x):
             return super().quantize_input(x, lo, hi, bits)
         _check(lo, 1, "lo")
         _check(hi, 1, "hi")
@@ -367,7 +363,7 @@ class Cuda(Reference):
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
-        if not (_codes(saved) and _native(saved[0])):
+        if not (holds_codes(saved) and takes(saved[0])):
             return super().restore(saved)
         codes, scale, zero_point = saved
         codes, geometry = _geometry(codes)
@@ -377,7 +373,7 @@ class Cuda(Reference):
         return out
 
     def restore_codes(self, saved: tuple[Tensor, ...]) -> Operand:
-        if not (_codes(saved) and _native(saved[0])):
+        if not (holds_codes(saved) and takes(saved[0])):
             return super().restore_codes(saved)
         codes, scale, zero_point = saved
         codes, geometry = _geometry(codes)
@@ -389,7 +385,7 @@ class Cuda(Reference):
     def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
-        if bits is None or not _native(g):
+        if bits is None or not takes(g):
             return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
         data, weight, _ = self._grad_pair(g, bits, wbits, seed, need_data, need_weight, False)
         return data, weight
@@ -397,7 +393,7 @@ class Cuda(Reference):
     def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
                         seed: int | None, need_data: bool = True, need_weight: bool = True
                         ) -> tuple[Operand | None, Operand | None]:
-        if bits is None or not _native(g):
+        if bits is None or not takes(g):
             return super().grad_pair_codes(g, bits, wbits, seed, need_data, need_weight)
         data, weight, (lo, hi) = self._grad_pair(g, bits, wbits, seed, need_data, need_weight,
                                                  True)
@@ -435,7 +431,7 @@ class Cuda(Reference):
         return data, weight, (lo, hi)
 
     def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
-        if not _native(x):
+        if not takes(x):
             return super().relu(x, inplace)
         x_in = x
         x, geometry = _geometry(x)
@@ -448,7 +444,7 @@ class Cuda(Reference):
         return y, packed
 
     def relu_backward(self, gy: Tensor, packed: Tensor) -> Tensor:
-        if not _native(gy):
+        if not takes(gy):
             return super().relu_backward(gy, packed)
         _check(packed, (gy.numel() + 7) // 8, "packed")
         gy, geometry = _geometry(gy)
@@ -459,7 +455,7 @@ class Cuda(Reference):
 
     def range_bn_stats(self, x: Tensor, lo: Tensor, hi: Tensor, bits: int | None
                        ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if bits is None or bits > 8 or not _native(x):
+        if bits is None or bits > 8 or not takes(x):
             return super().range_bn_stats(x, lo, hi, bits)
         _check(lo, 1, "lo")
         _check(hi, 1, "hi")
@@ -474,7 +470,7 @@ class Cuda(Reference):
         return (codes, scale, zero_point), s, mn, mx
 
     def range_bn_affine(self, saved: tuple[Tensor, ...], a: Tensor, b: Tensor) -> Tensor:
-        if not (_codes(saved) and _native(saved[0], a, b)):
+        if not (holds_codes(saved) and takes(saved[0], a, b)):
             return super().range_bn_affine(saved, a, b)
         codes, scale, zero_point = saved
         _check(a, codes.shape[1], "a")
@@ -489,7 +485,7 @@ class Cuda(Reference):
     def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
                            t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
                            ) -> tuple[Tensor, ...]:
-        if bits is None or not (_codes(saved) and _native(gy, mean, t_max, t_min)):
+        if bits is None or not (holds_codes(saved) and takes(gy, mean, t_max, t_min)):
             return super().range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
         codes, scale, zero_point = saved
         B, C = gy.shape[:2]
@@ -512,7 +508,7 @@ class Cuda(Reference):
                             g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
                             w_min: Tensor) -> Tensor:
         stats = (a, g_mean, t_max, t_min, w_max, w_min)
-        if bits is None or not (_codes(saved) and _native(gy, *stats)):
+        if bits is None or not (holds_codes(saved) and takes(gy, *stats)):
             return super().range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
         codes, scale, zero_point = saved
         B, C = gy.shape[:2]
