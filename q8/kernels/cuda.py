@@ -116,6 +116,16 @@ def _dequantize(codes_ptr, out_ptr, scale_ptr, zp_ptr, n, C, HW, sB, sC, sHW,
 
 
 @triton.jit
+def _copy(g, lo, hi, levels, top, i, seed, STOCHASTIC: tl.constexpr, CENTRED: tl.constexpr):
+    """One copy of g_l over [lo, hi]: x_hat = (q - z) s, or q - z."""
+    scale, zero_point = _grid(lo, hi, levels)
+    v = _code(g, scale, zero_point, top, i, seed, STOCHASTIC) - zero_point
+    if not CENTRED:
+        v = v * scale
+    return v
+
+
+@triton.jit
 def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sHW, seed,
                levels, top, wlevels, wtop, STOCHASTIC: tl.constexpr, DATA: tl.constexpr,
                WEIGHT: tl.constexpr, CENTRED: tl.constexpr, BLOCK: tl.constexpr):
@@ -126,16 +136,10 @@ def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sH
     lo, hi = tl.load(lo_ptr), tl.load(hi_ptr)
     g = tl.load(g_ptr + at, mask=mask)
     if DATA:
-        scale, zero_point = _grid(lo, hi, levels)
-        v = _code(g, scale, zero_point, top, i, seed, STOCHASTIC) - zero_point
-        if not CENTRED:
-            v = v * scale
+        v = _copy(g, lo, hi, levels, top, i, seed, STOCHASTIC, CENTRED)
         tl.store(data_ptr + at, v.to(data_ptr.dtype.element_ty), mask=mask)
     if WEIGHT:
-        scale, zero_point = _grid(lo, hi, wlevels)
-        v = _code(g, scale, zero_point, wtop, i, seed, STOCHASTIC) - zero_point
-        if not CENTRED:
-            v = v * scale
+        v = _copy(g, lo, hi, wlevels, wtop, i, seed, STOCHASTIC, CENTRED)
         tl.store(weight_ptr + at, v.to(weight_ptr.dtype.element_ty), mask=mask)
 
 
