@@ -71,29 +71,34 @@ inline float clamp_nan(float y, float lo, float hi) {  // NaN passes, as torch.c
 // The code q = clamp(y + z, 0, 2^B - 1) of y = round(x / s) (or floor(x / s + u)), as a float.
 inline float code(float y, const Grid& g) { return clamp_nan(y + g.zero_point, 0.0f, g.top); }
 
+// y = round(x / s) (or floor(x / s + u)) as a centred code: clamp(y + z, 0, 2^B - 1) - z,
+// computed as clamp(y, lo = -z, hi = 2^B - 1 - z) + 0, the same float (y, z and the bounds are integers,
+// the sums exact; adding +0 turns the clamp's -0 into the reference's +0).
+inline float centred(float y, float lo, float hi) { return clamp_nan(y, lo, hi) + 0.0f; }
+
 // out[i] = x_hat of x[i] = (q - z) * s for i < n, rounding to nearest (half to even, as
 // torch.round) or stochastically: floor(x/s + u), u from element base + i's hash. Simple
 // loops, so that the compiler vectorizes them.
 void fake_quant_run(const float* __restrict x, float* __restrict out, int64_t n, const Grid& g,
                     bool stochastic, int64_t base, int64_t seed) {
-  const float s = g.scale, z = g.zero_point;
+  const float s = g.scale, lo = -g.zero_point, hi = g.top - g.zero_point;
   if (stochastic) {
     for (int64_t i = 0; i < n; ++i)
-      out[i] = (code(std::floor(x[i] / s + hash_uniform(base + i, seed)), g) - z) * s;
+      out[i] = centred(std::floor(x[i] / s + hash_uniform(base + i, seed)), lo, hi) * s;
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = (code(std::nearbyint(x[i] / s), g) - z) * s;
+    for (int64_t i = 0; i < n; ++i) out[i] = centred(std::nearbyint(x[i] / s), lo, hi) * s;
   }
 }
 
 // out[i] = q - z of x[i]: the integer of x_hat = (q - z) * s, as a float (exact: |q - z| < 2^16).
 void centred_code_run(const float* __restrict x, float* __restrict out, int64_t n, const Grid& g,
                       bool stochastic, int64_t base, int64_t seed) {
-  const float s = g.scale, z = g.zero_point;
+  const float s = g.scale, lo = -g.zero_point, hi = g.top - g.zero_point;
   if (stochastic) {
     for (int64_t i = 0; i < n; ++i)
-      out[i] = code(std::floor(x[i] / s + hash_uniform(base + i, seed)), g) - z;
+      out[i] = centred(std::floor(x[i] / s + hash_uniform(base + i, seed)), lo, hi);
   } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = code(std::nearbyint(x[i] / s), g) - z;
+    for (int64_t i = 0; i < n; ++i) out[i] = centred(std::nearbyint(x[i] / s), lo, hi);
   }
 }
 
@@ -113,37 +118,60 @@ void dequantize_run(const uint8_t* __restrict codes, float* __restrict out, int6
   for (int64_t i = 0; i < n; ++i) out[i] = (float(codes[i]) - z) * s;
 }
 
-// Sums of integer-valued floats, exact in double (every partial sum is an integer below
-// 2^53): the order does not matter, so 8 lanes the compiler vectorizes give the reference's
-// bits. NaN propagates.
-double exact_sum(const float* __restrict v, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += v[i + j];
-  double s = 0;
-  for (; i < n; ++i) s += v[i];
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
+// Exact sums of integer-valued floats, in any order: 8 float lanes (which the compiler
+// vectorizes), each adding at most `block` terms before it is flushed into a double, where
+// block * (the largest |term|) <= 2^24 keeps every float partial sum an exact integer. NaN
+// propagates.
+int64_t exact_block(double largest_term) {
+  return std::max<int64_t>(1, int64_t(16777216.0 / std::max(largest_term, 1.0)));
 }
 
-// sum of a[i] * b[i] for integer-valued a, b with |a b| < 2^24 (exact in float), exactly.
-double exact_dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+double exact_sum(const float* __restrict v, int64_t n, int64_t block) {
+  double total = 0;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  double s = 0;
-  for (; i < n; ++i) s += a[i] * b[i];
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
+  while (i + 8 <= n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t end = std::min(n - (n - i) % 8, i + 8 * block);
+    for (; i < end; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += v[i + j];
+    for (int j = 0; j < 8; ++j) total += acc[j];
+  }
+  for (; i < n; ++i) total += v[i];
+  return total;
 }
 
-// sum of codes[0, n), exactly.
+// sum of a[i] * b[i], exactly, for integer-valued a, b whose products |a b| are at most
+// 2^24 / block.
+double exact_dot(const float* __restrict a, const float* __restrict b, int64_t n,
+                 int64_t block) {
+  double total = 0;
+  int64_t i = 0;
+  while (i + 8 <= n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t end = std::min(n - (n - i) % 8, i + 8 * block);
+    for (; i < end; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 8; ++j) total += acc[j];
+  }
+  for (; i < n; ++i) total += double(a[i] * b[i]);
+  return total;
+}
+
+// sum of codes[0, n), exactly (in int64 lanes: 255 n < 2^63).
 int64_t code_sum(const uint8_t* __restrict codes, int64_t n) {
-  int64_t s = 0;
-  for (int64_t i = 0; i < n; ++i) s += codes[i];
-  return s;
+  int64_t total = 0, i = 0;
+#ifdef __AVX2__  // vpsadbw: the sum of each 8 bytes into a 64-bit lane
+  __m256i acc = _mm256_setzero_si256();
+  const __m256i zero = _mm256_setzero_si256();
+  for (; i + 32 <= n; i += 32)
+    acc = _mm256_add_epi64(acc, _mm256_sad_epu8(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + i)), zero));
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; i < n; ++i) total += codes[i];
+  return total;
 }
 
 // Min and max of v[0, n), n >= 1; both NaN if any value is (as torch.aminmax).
@@ -487,6 +515,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
         *pnx = nmax.mutable_data_ptr<float>(), *pnn = nmin.mutable_data_ptr<float>();
   const uint8_t* pc = codes.const_data_ptr<uint8_t>();
   const double gs = gr.scale;
+  // |q_g - z_g| <= 2^bits - 1 and |q - z| <= 255: the float lanes' block lengths
+  const double g_top = double((int64_t(1) << bits) - 1);
+  const int64_t g_block = exact_block(g_top), gx_block = exact_block(g_top * 255);
   for_planes(gy, [&](int64_t p0, int64_t p1, int64_t n, float* buf) {
     const int64_t at = p0 * n, len = (p1 - p0) * n;
     float *dg = buf, *dx = buf + len;  // q_g - z_g and q - z of each value
@@ -502,7 +533,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
         cx += v == hi_t, cn += v == lo_t;
       }
       pnx[p] = float(cx), pnn[p] = float(cn);
-      const double sum_g = exact_sum(gp, n), sum_gx = exact_dot(gp, xp, n);
+      const double sum_g = exact_sum(gp, n, g_block), sum_gx = exact_dot(gp, xp, n, gx_block);
       psg[p] = float(gs * sum_g);
       psgx[p] = float(gs * (double(s) * sum_gx - double(pm[c]) * sum_g));
     }
