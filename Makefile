@@ -24,6 +24,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck scripts/slurm/train.sbatch scripts/*.sh .ci/run
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench.py $(ARGS)

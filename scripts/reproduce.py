@@ -78,15 +78,17 @@ SECTIONS = {
 # streams (seed 0: -3.1 with torch's generator, -10.6 with the CPU kernels' hash); at 5 epochs
 # seed 0 gave -3.1 and seed 1 0.0 (docs/PERFORMANCE.md, session 6).
 FAST = ["trainer.max_epochs=5"]
-# The issue's claims: (a, b, what); each holds when |mean(a) - mean(b)| <= TARGET points. A
-# 3-seed mean of one configuration moves by about 0.3 points (360 test images, 1 image = 0.28
-# points), so the configurations behind the claims get more seeds (--claim-seeds).
+# The claims: (a, b, what); each holds when the CONFIDENCE interval of mean(a) - mean(b) lies
+# inside +-TARGET points. A 3-seed mean of one configuration moves by about 0.3 points (360 test
+# images, 1 image = 0.28 points), so the configurations behind the claims get more seeds
+# (--claim-seeds).
 CLAIMS = [
     ("q8_bifurcated", "fp32", "8-bit training (the paper's method) against fp32"),
     ("fp32_range_bn", "fp32", "Range BN against BN, fp32 otherwise"),
     ("q8_bifurcated", "q8_batchnorm", "Range BN against BN, inside q8"),
 ]
 TARGET = 0.5
+CONFIDENCE = 0.95  # a claim holds when this interval of the difference lies inside +-TARGET
 CLAIM_SECTIONS = ("parity", "norm")
 
 
@@ -222,19 +224,53 @@ def gap_standard_error(runs: dict[str, list[dict]], a: str = "q8_bifurcated",
     return (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
 
 
+def gap_interval(runs: dict[str, list[dict]], a: str = "q8_bifurcated", b: str = "fp32",
+                 level: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Welch's `level` confidence interval of mean(a) - mean(b), in points: d +- t * se, with t
+    the Student quantile at the Welch-Satterthwaite degrees of freedom (the seeds' variances
+    need not be equal). None with fewer than 2 seeds on either side."""
+    from scipy.stats import t
+
+    x, y = acc(runs.get(a, [])), acc(runs.get(b, []))
+    d, se = gap(runs, a, b), gap_standard_error(runs, a, b)
+    if d is None or se is None:
+        return None
+    if se == 0:
+        return d, d
+    va, vb = statistics.variance(x) / len(x), statistics.variance(y) / len(y)
+    dof = se**4 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
+    half = float(t.ppf(0.5 + level / 2, dof)) * se
+    return d - half, d + half
+
+
+def verdict(interval: tuple[float, float] | None, a: str) -> str:
+    """Within TARGET points only when the whole interval is; outside when the whole interval
+    is on one side; otherwise the seeds cannot tell."""
+    if interval is None:
+        return "not resolved (one seed)"
+    lo, hi = interval
+    if lo >= -TARGET and hi <= TARGET:
+        return "**yes**"
+    if lo > TARGET:
+        return f"**NO** (`{a}` higher)"
+    if hi < -TARGET:
+        return "**NO**"
+    return "not resolved"
+
+
 def claims_table(runs: dict[str, list[dict]]) -> list[str]:
-    """The issue's claims: difference of mean test accuracy, its standard error, verdict."""
-    lines = [f"| claim | difference of means (points) | standard error | seeds | within "
-             f"{TARGET} points |", "|---|---|---|---|---|"]
+    """The issue's claims: difference of mean test accuracy, its 95% interval and standard
+    error, and the verdict the interval gives."""
+    lines = [f"| claim | difference of means (points) | {CONFIDENCE:.0%} interval | standard "
+             f"error | seeds | within {TARGET} points |", "|---|---|---|---|---|---|"]
     for a, b, what in CLAIMS:
-        d, err = gap(runs, a, b), gap_standard_error(runs, a, b)
+        d, err, interval = gap(runs, a, b), gap_standard_error(runs, a, b), gap_interval(runs, a, b)
         if d is None:
             continue
         n = f"{len(acc(runs[a]))} and {len(acc(runs[b]))}"
-        verdict = ("**yes**" if abs(d) <= TARGET else
-                   f"**NO** (`{a}` higher)" if d > 0 else "**NO**")
-        lines.append(f"| {what}: `{a}` − `{b}` | {d:+.2f} | "
-                     f"{'n/a' if err is None else f'{err:.2f}'} | {n} | {verdict} |")
+        span = "n/a" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+        lines.append(f"| {what}: `{a}` − `{b}` | {d:+.2f} | {span} | "
+                     f"{'n/a' if err is None else f'{err:.2f}'} | {n} | {verdict(interval, a)} |")
     return lines
 
 

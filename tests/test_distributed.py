@@ -350,8 +350,27 @@ def test_sbatch_script_runs_one_task_per_gpu_in_the_image(tmp_path, container):
     assert {"--signal=B:USR1@180", "--requeue"} <= set(directives)
 
 
+def _as_bash42(script: str) -> str:
+    """The script with bash 4.2's `set -u` rule made explicit: before bash 4.4, expanding an
+    empty array ("${a[@]}", "${a[*]}") is an "unbound variable" error. `${a[@]?}` raises that
+    error on an empty array in any bash."""
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\[([@*])\]\}", r"${\1[\2]?}", script)
+
+
+def test_bash42_rewrite_fails_on_an_empty_array(tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text(_as_bash42('set -u\na=()\necho "${a[@]}"\n'))
+    assert subprocess.run(["bash", str(script)], capture_output=True).returncode != 0
+    script.write_text(_as_bash42('set -u\na=(x)\necho "${a[@]}"\n'))
+    assert subprocess.run(["bash", str(script)], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("bash42", [False, True], ids=["bash", "bash4.2"])
+@pytest.mark.parametrize("overrides", [["seed=3"], []], ids=["overrides", "none"])
 @pytest.mark.parametrize("newest", ["hpc_ckpt_2.ckpt", "checkpoints/last.ckpt", None])
-def test_sbatch_script_resumes_from_the_newest_checkpoint(tmp_path, newest):
+def test_sbatch_script_resumes_from_the_newest_checkpoint(tmp_path, newest, overrides, bash42):
+    """Also under bash 4.2's rules: a fresh job (no checkpoint) with no overrides has nothing to
+    add to the command line, and must not expand an empty array."""
     (tmp_path / "bin").mkdir()
     _stand_in(tmp_path / "bin" / "srun", 'printf "%s\\n" "$@" > "$SRUN_ARGS"\n')
     run_dir = tmp_path / "outputs" / "runs" / "slurm-4242"
@@ -361,13 +380,17 @@ def test_sbatch_script_resumes_from_the_newest_checkpoint(tmp_path, newest):
             (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
             (run_dir / name).write_bytes(b"")
             os.utime(run_dir / name, (1e9 + age, 1e9 + age))
+    script = SBATCH
+    if bash42:
+        script = tmp_path / "train.sbatch"
+        script.write_text(_as_bash42(SBATCH.read_text()))
     env = _slurm_env(tmp_path, Q8_CONTAINER="none", SRUN_ARGS=str(tmp_path / "args"))
-    result = subprocess.run(["bash", str(SBATCH), "seed=3"], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(script), *overrides], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     args = (tmp_path / "args").read_text().splitlines()
     resume = [f"ckpt_path={run_dir / newest}"] if newest else []
-    assert args[5:] == [*resume, "seed=3"]
+    assert args[5:] == [*resume, *overrides]
 
 
 @pytest.mark.slow  # two training runs in sequence: about 90 s

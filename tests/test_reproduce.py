@@ -4,6 +4,7 @@ for real and checks parity loosely; the report is built from the runs' own files
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,21 +14,28 @@ from tests.conftest import ROOT
 
 def test_fast_reproduction_trains_both_and_checks_parity(tmp_path: Path) -> None:
     """--fast: fp32 and q8_bifurcated, seed 0, 5 epochs of the digits_parity recipe (about half a
-    minute each here). Both must learn (chance is 10%) and stay within reproduce.py's bound."""
+    minute each here), end to end: both runs finish, their loss falls, the report is written.
+
+    No accuracy of this one seed is checked: one seed's q8 - fp32 gap is training noise (it
+    measured -3.1 and -10.6 points on two noise streams). What a seed fixes is deterministic:
+    with the seed and the CPU backend fixed, each run's final training loss is one number, and
+    it must lie far below chance's ln 10 = 2.30 (a run that learns ends near 0.05). The parity
+    bound itself is tested on made-up metrics below, so it is opened wide here."""
     out = tmp_path / "reproduce"
     proc = subprocess.run(
-        [sys.executable, "scripts/reproduce.py", "--fast", "--out", str(out)],
+        [sys.executable, "scripts/reproduce.py", "--fast", "--out", str(out), "--bound", "100"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for name in ("fp32", "q8_bifurcated"):
         metrics = json.loads((out / name / "seed0" / "metrics.json").read_text())
         assert metrics["epochs"] == 5 and metrics["seed"] == 0
-        assert metrics["test/acc"] > 0.8, (name, metrics["test/acc"])
+        assert metrics["train/loss"] < math.log(10) / 4, (name, metrics["train/loss"])
     assert "parity: q8_bifurcated - fp32 =" in proc.stdout
     report = (out / "RESULTS.md").read_text()
     assert "python scripts/reproduce.py --fast --out" in report  # the command that made it
     assert "| `q8_bifurcated` |" in report and "| `fp32` |" in report
+    assert "| n/a | n/a | 1 and 1 | not resolved (one seed) |" in report
     assert (out / "results" / "bits.png").is_file()
 
 
@@ -43,7 +51,8 @@ def test_report_flags_a_broken_parity_bound(tmp_path: Path, load_script) -> None
     code = reproduce.main(["--fast", "--report-only", "--out", str(out)])
     assert code == 1  # 9 points apart, the bound is 5
     report = (out / "RESULTS.md").read_text()
-    assert "`q8_bifurcated` − `fp32` | -9.00 | n/a | 1 and 1 | **NO** |" in report
+    assert "`q8_bifurcated` − `fp32` | -9.00 | n/a | n/a | 1 and 1 | not resolved (one seed) |" \
+        in report
     assert reproduce.main(["--fast", "--report-only", "--out", str(out), "--bound", "10"]) == 0
 
 
@@ -58,13 +67,34 @@ def test_claims_get_more_seeds_and_a_verdict_each(tmp_path: Path, load_script) -
             "fp32_range_bn": [0.96, 0.97], "q8_batchnorm": [0.99, 0.99]}
     runs = {name: [{"test/acc": a} for a in values] for name, values in accs.items()}
     lines = "\n".join(reproduce.claims_table(runs))
-    # standard error: sqrt(s_a^2 / 2 + s_b^2 / 2) with both variances 0.5 (points^2)
-    assert "`q8_bifurcated` − `fp32` | -0.40 | 0.71 | 2 and 2 | **yes** |" in lines
-    assert "`fp32_range_bn` − `fp32` | -2.00 | 0.71 | 2 and 2 | **NO** |" in lines
-    assert "`q8_bifurcated` − `q8_batchnorm` | -0.90 | 0.50 | 2 and 2 | **NO** |" in lines
-    runs["fp32"] = [{"test/acc": a} for a in (0.97, 0.96)]  # q8 now 1.6 points above fp32
+    # standard error sqrt(s_a^2 / 2 + s_b^2 / 2) with both variances 0.5 (points^2): 0.71; Welch's
+    # degrees of freedom 0.25 / (0.0625 + 0.0625) = 2, t(0.975, 2) = 4.303: d +- 3.04
+    assert "`q8_bifurcated` − `fp32` | -0.40 | [-3.44, +2.64] | 0.71 | 2 and 2 | not resolved |" \
+        in lines
+    # q8_batchnorm's seeds agree (variance 0): se = sqrt(0.5 / 2), t(0.975, 1) = 12.71
+    assert "`q8_bifurcated` − `q8_batchnorm` | -0.90 | [-7.25, +5.45] | 0.50 | 2 and 2 | " \
+        "not resolved |" in lines
+    # four seeds each, 0.1-point spread: the interval resolves both verdicts
+    near = {"fp32": [0.988, 0.987, 0.989, 0.988], "q8_bifurcated": [0.986, 0.985, 0.987, 0.986],
+            "fp32_range_bn": [0.978, 0.977, 0.979, 0.978]}
+    runs = {name: [{"test/acc": a} for a in values] for name, values in near.items()}
     lines = "\n".join(reproduce.claims_table(runs))
-    assert "| +1.60 | 0.71 | 2 and 2 | **NO** (`q8_bifurcated` higher) |" in lines
+    assert "`q8_bifurcated` − `fp32` | -0.20 |" in lines and "| 4 and 4 | **yes** |" in lines
+    assert "`fp32_range_bn` − `fp32` | -1.00 |" in lines and "| 4 and 4 | **NO** |" in lines
+    runs["fp32"] = [{"test/acc": a - 0.01} for a in near["fp32"]]  # q8 now 0.8 points above
+    assert "**NO** (`q8_bifurcated` higher)" in "\n".join(reproduce.claims_table(runs))
+
+
+def test_gap_interval_is_welchs(load_script) -> None:
+    """The interval is Welch's t interval, as scipy computes it from the same accuracies."""
+    from scipy.stats import ttest_ind
+
+    reproduce = load_script("reproduce")
+    a, b = [99.2, 98.6, 99.7, 99.4, 98.9, 99.0], [99.0, 99.4, 98.3, 99.2, 98.1]
+    runs = {"x": [{"test/acc": v / 100} for v in a], "y": [{"test/acc": v / 100} for v in b]}
+    lo, hi = reproduce.gap_interval(runs, "x", "y")
+    expected = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert abs(lo - expected.low) < 1e-9 and abs(hi - expected.high) < 1e-9
 
 
 def test_a_diverged_run_is_a_result_not_a_missing_run(tmp_path: Path, load_script,
