@@ -75,8 +75,8 @@ SECTIONS = {
 }
 # 5 epochs: at 3, the compressed cosine schedule ends while accuracy still climbs steeply, and
 # one seed's q8 - fp32 gap ranged from -10.6 to +1.6 points over 4 seeds x 2 rounding-noise
-# streams (seed 0: -3.1 with torch's generator, -10.6 with the CPU kernels' hash); at 5 epochs
-# seed 0 gave -3.1 and seed 1 0.0 (docs/PERFORMANCE.md, session 6).
+# streams; at 5 epochs seed 0 gave -3.1 and seed 1 0.0. One seed's gap is noise either way:
+# --fast shows that both runs train, not parity.
 FAST = ["trainer.max_epochs=5"]
 # The claims: (a, b, what); each holds when the CONFIDENCE interval of mean(a) - mean(b) lies
 # inside +-TARGET points. A 3-seed mean of one configuration moves by about 0.3 points (360 test
