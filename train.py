@@ -100,8 +100,8 @@ def resolve_checkpoint(path: str | None, output_dir: Path) -> str | None:
     return str(resolved)
 
 
-def check_checkpoint_matches(path: str, expected: dict[str, Any]) -> None:
-    """Refuse, before training, a checkpoint of another model or quant preset."""
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """The checkpoint at `path` (memory-mapped), or a UsageError saying why it cannot be used."""
     import torch
 
     try:
@@ -109,9 +109,38 @@ def check_checkpoint_matches(path: str, expected: dict[str, Any]) -> None:
     except Exception as ex:
         reason = str(ex).splitlines()[0][:160] if str(ex) else type(ex).__name__
         raise UsageError(f"cannot read checkpoint ckpt_path={path}: {reason}") from ex
-    saved = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UsageError(f"ckpt_path={path} is not a Lightning checkpoint of this application")
+    return ckpt
+
+
+def read_resume_checkpoint(requested: str, path: str, output_dir: Path) -> tuple[str, dict]:
+    """The checkpoint to resume from: `path`, or for ckpt_path=last an unreadable last.ckpt's
+    newest readable sibling (the run's other checkpoints and SLURM's hpc_ckpt_*.ckpt, newest
+    first, those that hold the training loops), with a warning. Nothing readable: the error."""
+    try:
+        return path, read_checkpoint(path)
+    except UsageError as ex:
+        if requested != "last":
+            raise
+        error = ex
+    others = [p for p in [*(output_dir / "checkpoints").glob("*.ckpt"),
+                          *output_dir.glob("hpc_ckpt_*.ckpt")] if str(p) != path]
+    for other in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            ckpt = read_checkpoint(str(other))
+        except UsageError:
+            continue
+        if "loops" in ckpt:
+            print(f"warning: {error}; resuming from {other} instead, the newest readable "
+                  "checkpoint of this run", file=sys.stderr)
+            return str(other), ckpt
+    raise error
+
+
+def check_checkpoint_matches(path: str, ckpt: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Refuse, before training, a checkpoint of another model or quant preset."""
+    saved = ckpt.get("hyper_parameters", {})
     for key, value in expected.items():
         if key in saved and saved[key] != value:
             raise UsageError(
@@ -166,7 +195,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "quant": {**quant.to_dict(), "skip": list(quant.skip)},
     }
     if ckpt_path:
-        check_checkpoint_matches(ckpt_path, model_args)
+        ckpt_path, ckpt = read_resume_checkpoint(cfg.ckpt_path, ckpt_path, output_dir)
+        check_checkpoint_matches(ckpt_path, ckpt, model_args)
+        del ckpt
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))

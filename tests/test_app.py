@@ -125,6 +125,73 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path: Pat
         )
 
 
+def test_an_unreadable_last_ckpt_falls_back_to_the_newest_readable_one(
+        tiny_config, tmp_path: Path, capsys) -> None:
+    """ckpt_path=last with a damaged last.ckpt: a warning naming it, and the resume starts from
+    the run's newest checkpoint that can be read (here the best one)."""
+    run_dir = tmp_path / "run"
+    train(tiny_config("quant=fp32", "trainer.max_epochs=2", run_dir=run_dir))
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    saved_step = torch.load(best, map_location="cpu", weights_only=False)["global_step"]
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    resumed = train(tiny_config("quant=fp32", "ckpt_path=last", "trainer.max_epochs=3",
+                                run_dir=run_dir))
+    warning = capsys.readouterr().err
+    assert "warning: cannot read checkpoint ckpt_path=" in warning and "last.ckpt" in warning
+    assert f"resuming from {best} instead" in warning
+    assert resumed["start_step"] == saved_step and resumed["global_step"] == 6
+
+
+def test_no_readable_checkpoint_is_one_clear_error(tiny_config, tmp_path: Path) -> None:
+    from q8.lit import UsageError
+
+    run_dir = tmp_path / "run"
+    train(tiny_config("quant=fp32", run_dir=run_dir))
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt.write_bytes(b"")
+    with pytest.raises(UsageError, match=r"cannot read checkpoint ckpt_path=.*last\.ckpt"):
+        train(tiny_config("quant=fp32", "ckpt_path=last", run_dir=run_dir))
+    other = run_dir / "checkpoints" / "other.ckpt"  # a file named explicitly does not fall back
+    other.write_bytes(b"x")
+    with pytest.raises(UsageError, match="cannot read checkpoint"):
+        train(tiny_config("quant=fp32", f"ckpt_path={other}", run_dir=run_dir))
+
+
+def test_a_checkpoint_write_that_fails_stops_the_run_and_keeps_the_previous(
+        tiny_config, tmp_path: Path) -> None:
+    """The second run may write no file larger than half a checkpoint (RLIMIT_FSIZE, as a full
+    disk or a quota would stop it): its first checkpoint write fails, the run exits with code 2
+    and one line naming the file, and last.ckpt of the first run is intact."""
+    import resource
+    import signal
+
+    run_dir = tmp_path / "run"
+    train(tiny_config("quant=fp32", run_dir=run_dir))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    limit = len(before) // 2
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    from tests.conftest import TINY, TINY_DIGITS
+
+    proc = subprocess.run(
+        [sys.executable, "train.py", *TINY, *TINY_DIGITS, "quant=fp32", "ckpt_path=last",
+         "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot write checkpoint {run_dir / 'checkpoints'}/"), line
+    assert line.endswith("File too large") or line.endswith("the previous one is intact"), line
+    assert last.read_bytes() == before
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
 def test_missing_dataset_is_one_clear_error(tiny_config, tmp_path: Path) -> None:
     from q8.lit import DatasetNotFoundError
 

@@ -30,6 +30,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from q8.lit.errors import CheckpointWriteError
+
 
 def batches_into_epoch(trainer: L.Trainer) -> int | None:
     """Training batches of the current epoch already stepped on, if a checkpoint saved now falls
@@ -38,8 +40,28 @@ def batches_into_epoch(trainer: L.Trainer) -> int | None:
     return done if 0 < done < trainer.num_training_batches else None
 
 
+class _RecordingWriter:
+    """A file's write() and flush() that keep the OSError they raise: torch.save reports a failed
+    write as a RuntimeError without the reason."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as ex:
+            self.error = ex
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the same directory, then an atomic os.replace()."""
+    """torch.save to a temporary file in the same directory, then an atomic os.replace(). A
+    write that fails (disk full, quota, file size limit) removes the temporary file, leaves the
+    previous checkpoint as it was and raises CheckpointWriteError naming the file."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -48,19 +70,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in path:  # remote file systems: fall back to Lightning's writer
             return super().save_checkpoint(checkpoint, path, storage_options)
         directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         name = os.path.basename(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        tmp = None
         try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
+                writer = _RecordingWriter(f)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError as ex:
+                    if writer.error is None:
+                        raise
+                    raise writer.error from ex
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
+        except OSError as ex:
+            reason = ex.strerror or str(ex)
+            kept = "; the previous one is intact" if os.path.exists(path) else ""
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}{kept}") from ex
+        finally:
+            if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
-            raise
         return None
 
 

@@ -8,3 +8,8 @@ class UsageError(Exception):
 
 class DatasetNotFoundError(UsageError):
     """A data set is not where the configuration says; the message says how to get it."""
+
+
+class CheckpointWriteError(UsageError):
+    """A checkpoint could not be written (disk full, quota, file size limit); the previous
+    checkpoint at that path is left as it was."""
