@@ -9,10 +9,11 @@ ARGS ?=
 
 setup: $(STAMP)
 
-# (Re)install only when pyproject.toml changed; `pip install -e` keeps the sources live.
-$(STAMP): pyproject.toml
+# (Re)install only when pyproject.toml or the pins changed; `pip install -e` keeps the sources
+# live. constraints.txt holds the versions CI ran (the Dockerfile installs with it too).
+$(STAMP): pyproject.toml constraints.txt constraints-torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -c constraints-torch.txt -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 train: $(STAMP)
