@@ -235,6 +235,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except NonFiniteError as ex:  # the NanGuard callback's verdict: one line, no traceback
         print(f"error: {ex}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as ex:  # a rank died or hangs: name it, stop the others
+        message = distributed.lost_rank_message(trainer, ex)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     checkpoint = trainer.checkpoint_callback

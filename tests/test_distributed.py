@@ -223,11 +223,12 @@ def test_ddp_trainer_configs(monkeypatch):
     for name in ("LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     ddp = compose_config(["trainer=ddp"]).trainer
-    assert (ddp.accelerator, ddp.devices, ddp.num_nodes, ddp.strategy) == ("gpu", -1, 1, "ddp")
+    assert (ddp.accelerator, ddp.devices, ddp.num_nodes) == ("gpu", -1, 1)
+    assert ddp.strategy._target_.endswith("DDPStrategy") and ddp.strategy.timeout.minutes == 5
     assert ddp.sync_batchnorm is False and ddp.precision == "32-true"
     cpu = compose_config(["trainer=ddp_cpu"]).trainer
-    assert (cpu.accelerator, cpu.devices, cpu.strategy, cpu.sync_batchnorm) == (
-        "cpu", 2, "ddp", False)
+    assert (cpu.accelerator, cpu.devices, cpu.sync_batchnorm) == ("cpu", 2, False)
+    assert cpu.strategy == ddp.strategy
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node=4 --nnodes=3
     monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
     for name in ("ddp", "ddp_cpu"):
@@ -534,3 +535,44 @@ def test_readme_cluster_commands_match_the_files():
             if not has_launcher:
                 overrides = [o for o in overrides if not o.startswith("hydra")]
         compose_config(overrides)
+
+
+class FailOnRank(L.Callback):
+    """Test-only: after `step` optimizer steps rank `rank` kills itself with SIGKILL (as the OOM
+    killer or a hardware fault would) or, with how="hang", stops answering."""
+
+    def __init__(self, rank: int, step: int, how: str = "kill") -> None:
+        self.rank, self.step, self.how = rank, step, how
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(3600)
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_rank_that_dies_or_hangs_stops_the_run_naming_it(tmp_path, how):
+    """Rank 1 of 2 dies (SIGKILL) or hangs at step 2: rank 0 exits within the process-group
+    timeout (0.1 min here, 5 in conf/trainer/ddp*.yaml) with one line naming the dead rank, and
+    no process is left behind."""
+    cmd = [sys.executable, "train.py", *DDP_RUN, "trainer.limit_train_batches=30",
+           f"hydra.run.dir={tmp_path / 'run'}", "trainer.strategy.timeout.minutes=0.1",
+           "+callbacks.fail._target_=tests.test_distributed.FailOnRank",
+           "+callbacks.fail.rank=1", "+callbacks.fail.step=2", f"+callbacks.fail.how={how}"]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=240)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("error: rank 0 lost the process group: "), line
+    dead = "died (signal SIGKILL)" if how == "kill" else "stopped answering and was killed"
+    assert re.search(rf"rank 1 \(pid \d+\) {re.escape(dead)}", line), line
+    assert elapsed < 120, elapsed
+    if how == "hang":  # the collective gave up after the timeout, not at a closed socket
+        assert "timeout" in line.lower(), line
+    children = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True,
+                              text=True).stdout.split()
+    assert not children, children

@@ -5,6 +5,8 @@ q8.lit.launch.
 
 from __future__ import annotations
 
+import signal
+import time
 from typing import Any
 
 import lightning as L
@@ -59,3 +61,35 @@ class PerRankRNG(L.Callback):
         common = int(torch.randint(0, 2**62, ()).item())  # the same on every rank
         seed = np.random.SeedSequence([common, trainer.global_rank]).generate_state(1)[0]
         torch.manual_seed(int(seed))  # the CPU and every CUDA generator
+
+
+def lost_rank_message(trainer: L.Trainer, ex: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or stopped answering
+    (a closed connection, a timeout), naming the ranks this process started (Lightning's
+    launcher: ranks 1.. of this node are its children) that died or still run; None for any
+    other error. Those still running are killed: they would wait in their own collectives.
+    Under torchrun or srun the launcher names the failed rank itself."""
+    text = str(ex)
+    lost = isinstance(ex, torch.distributed.DistError) or any(
+        s in text.lower() for s in ("connection reset by peer", "connection closed by peer",
+                                    "timed out", "timeout", "nccl"))
+    if trainer.world_size < 2 or not lost:
+        return None
+    procs = getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []
+    dead = []
+    for local_rank, proc in enumerate(procs, start=1):
+        for _ in range(30):  # a killed peer's exit status can trail its closed socket
+            if proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        code, rank = proc.returncode, trainer.node_rank * trainer.num_devices + local_rank
+        if code is None:
+            proc.kill()
+            dead.append(f"rank {rank} (pid {proc.pid}) stopped answering and was killed")
+        elif code != 0:
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            dead.append(f"rank {rank} (pid {proc.pid}) died ({how})")
+    who = ", ".join(dead) or "another rank died or stopped answering (its log names it)"
+    first = text.strip().splitlines()[0] if text.strip() else type(ex).__name__
+    return (f"rank {trainer.global_rank} lost the process group: {who}; "
+            f"the collective failed with: {first[:300]}")
