@@ -623,3 +623,54 @@ def test_data_modules_refuse_sizes_out_of_range(kwargs: dict) -> None:
     if "image_size" in kwargs:
         with pytest.raises(UsageError, match=r"data\.image_size=-1 is invalid"):
             DigitsDataModule(**kwargs)
+
+
+def _image_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
+    """root/{train,val}/<class>/<i>.png: small RGB images of one colour per class."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_names_an_empty_class_or_a_class_mismatch(tmp_path: Path) -> None:
+    from q8.lit.data import ImageFolderDataModule
+    from q8.lit.errors import DatasetNotFoundError
+
+    root = _image_folder(tmp_path / "data")
+    assert ImageFolderDataModule(str(root), image_size=8).num_classes == 2
+    (root / "val" / "bird").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"class folder .*val/bird holds no image"):
+        ImageFolderDataModule(str(root), image_size=8)
+    (root / "val" / "bird" / "0.png").write_bytes((root / "val" / "cat" / "0.png").read_bytes())
+    with pytest.raises(DatasetNotFoundError, match=r"other classes than .*train: bird"):
+        ImageFolderDataModule(str(root), image_size=8)
+    with pytest.raises(DatasetNotFoundError, match=r"image folder for train not found"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"), image_size=8)
+
+
+def test_a_corrupt_image_is_skipped_with_a_warning_naming_it(tmp_path: Path) -> None:
+    """A damaged file yields the next image that can be read (same batch size, same order on
+    every run), warned about once; a folder with no readable image stops with an error."""
+    from q8.lit.data import SkippingImageFolder
+    from q8.lit.errors import UsageError
+
+    root = _image_folder(tmp_path / "data")
+    bad = root / "train" / "cat" / "1.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    images = SkippingImageFolder(str(root / "train"), transform=lambda im: torch.tensor(im.size))
+    assert len(images) == 6
+    with pytest.warns(UserWarning, match=rf"skipping image {re.escape(str(bad))}"):
+        skipped = images[1]
+    assert skipped[1] == images[2][1] == 0 and torch.equal(skipped[0], images[2][0])
+    loader = torch.utils.data.DataLoader(images, batch_size=3)
+    assert [len(y) for _, y in loader] == [3, 3]
+    for f in (root / "train").rglob("*.png"):
+        f.write_bytes(b"not an image")
+    with pytest.warns(UserWarning), pytest.raises(UsageError, match="images in a row .* cannot"):
+        images[0]

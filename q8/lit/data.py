@@ -342,16 +342,16 @@ class ImageFolderDataModule(_ClassificationDataModule):
         check_data_config({"image_size": image_size})
         self.root = Path(root)
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+        classes = None
         for split, name in self.dirs.items():
-            if not (self.root / name).is_dir():
+            found = _class_folders(self.root / name, split)
+            if classes is not None and found != classes:
+                missing = sorted(set(classes) ^ set(found))[:5]
                 raise DatasetNotFoundError(
-                    f"image folder for {split} not found: looked for {self.root / name} "
-                    f"(layout <data.root>/<split>/<class>/<image>); set data.root=<dir> "
-                    f"(for ImageNet, the folder with train/ and val/ sorted into class folders)"
+                    f"the {split} folder {self.root / name} has other classes than "
+                    f"{self.root / train_dir}: {', '.join(missing)} in one of them only"
                 )
-        classes = sorted(p.name for p in (self.root / train_dir).iterdir() if p.is_dir())
-        if not classes:
-            raise DatasetNotFoundError(f"no class folders in {self.root / train_dir}")
+            classes = found
         self.num_classes = len(classes)
         self.image_size = image_size
         self.crop_pct = crop_pct
@@ -361,15 +361,71 @@ class ImageFolderDataModule(_ClassificationDataModule):
         if self.train_set is not None:
             return
         from timm.data import create_transform
-        from torchvision.datasets import ImageFolder
 
         train_tf = create_transform(
             self.image_size, is_training=True, auto_augment=self.auto_augment
         )
         eval_tf = create_transform(self.image_size, is_training=False, crop_pct=self.crop_pct)
-        self.train_set = ImageFolder(str(self.root / self.dirs["train"]), transform=train_tf)
-        self.val_set = ImageFolder(str(self.root / self.dirs["val"]), transform=eval_tf)
-        self.test_set = ImageFolder(str(self.root / self.dirs["test"]), transform=eval_tf)
+        self.train_set = SkippingImageFolder(str(self.root / self.dirs["train"]), train_tf)
+        self.val_set = SkippingImageFolder(str(self.root / self.dirs["val"]), eval_tf)
+        self.test_set = SkippingImageFolder(str(self.root / self.dirs["test"]), eval_tf)
+
+
+def _class_folders(folder: Path, split: str) -> list[str]:
+    """The class folders of one split, each checked to hold at least one image file; a missing,
+    unreadable or empty folder is a DatasetNotFoundError naming it."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if not folder.is_dir():
+        raise DatasetNotFoundError(
+            f"image folder for {split} not found: looked for {folder} "
+            f"(layout <data.root>/<split>/<class>/<image>); set data.root=<dir> "
+            f"(for ImageNet, the folder with train/ and val/ sorted into class folders)"
+        )
+    try:
+        classes = sorted(p for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise DatasetNotFoundError(f"no class folders in {folder}")
+        for c in classes:
+            if not any(f.suffix.lower() in IMG_EXTENSIONS for f in c.rglob("*")):
+                raise DatasetNotFoundError(
+                    f"class folder {c} holds no image ({', '.join(IMG_EXTENSIONS)})")
+    except OSError as ex:
+        raise DatasetNotFoundError(f"cannot read {ex.filename or folder}: {ex.strerror}") from ex
+    return [c.name for c in classes]
+
+
+class SkippingImageFolder(Dataset):
+    """torchvision's ImageFolder, but an image that cannot be decoded (truncated, corrupt, not
+    an image) is skipped with a warning naming it: its index yields the next image that can be,
+    so a bad file in a million does not stop a run, batches keep their size and a seeded run
+    stays reproducible. More than `max_skips` bad files in a row is an error."""
+
+    max_skips = 16
+
+    def __init__(self, root: str, transform: Any) -> None:
+        from torchvision.datasets import ImageFolder
+
+        self.folder = ImageFolder(root, transform=transform)
+        self.classes = self.folder.classes
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for k in range(self.max_skips + 1):
+            i = (index + k) % len(self.folder)
+            try:
+                return self.folder[i]
+            except (OSError, ValueError, SyntaxError) as ex:  # what PIL raises on bad files
+                path = self.folder.samples[i][0]
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping image {path}: {type(ex).__name__}: {ex}",
+                                  stacklevel=2)
+        raise UsageError(f"{self.max_skips + 1} images in a row from {self.folder.root} cannot "
+                         f"be read, from {self.folder.samples[index][0]} on")
 
 
 class _RandomImages(Dataset):
