@@ -604,3 +604,37 @@ def test_500_step_ddp_soak_stays_finite_with_flat_memory(tmp_path):
     assert sum(losses[-50:]) / 50 < math.log(10) / 2, losses[-50:]
     memory = {int(k): v for k, v in json.loads((tmp_path / "memory.json").read_text()).items()}
     assert memory[500]["rss"] <= 1.05 * memory[100]["rss"], memory
+
+
+def test_ddp_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """2 gloo processes, 2 epochs of 6 steps with stochastic rounding and augmentation; stopped
+    after step 8 as a SIGTERM stops it (every rank, the same step), then resumed: each rank
+    replays the rest of its shard of the epoch with its own RNG stream, so the losses of every
+    later step and the final metrics are the uninterrupted run's, to the bit."""
+    from tests.test_robustness import FINAL_KEYS, SMALL_MODEL, _step_losses
+
+    run = [*[o for o in DDP_RUN if not o.startswith(("logger=", "trainer.limit_train",
+                                                     "threads", "trainer.max_ep"))],
+           *SMALL_MODEL, "logger=csv", "trainer.max_epochs=2", "trainer.limit_train_batches=6",
+           "seed=5"]  # digits: augmentation on
+
+    def train(name: str, *extra: str, code: int = 0) -> Path:
+        result = subprocess.run([sys.executable, "train.py", *run, *extra,
+                                 f"hydra.run.dir={tmp_path / name}"], capture_output=True,
+                                text=True, cwd=ROOT, env=_env(), timeout=480)
+        assert result.returncode == code, result.stderr[-3000:]
+        return tmp_path / name
+
+    full = train("full")
+    stop = ["+callbacks.stop._target_=tests.test_robustness.StopAfterStep",
+            "+callbacks.stop.step=8"]
+    stopped = train("stopped", *stop, code=143)
+    ckpt = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == 8 and len(ckpt["rng_states_per_rank"]) == 2
+    assert ckpt["DigitsDataModule"]["samples_done"] == 2 * 16  # 2 batches of 16 on each rank
+    train("stopped", "ckpt_path=last")
+    expected, got = (json.loads((d / "metrics.json").read_text()) for d in (full, stopped))
+    assert got["start_step"] == 8
+    assert _step_losses(stopped) == {k: v for k, v in _step_losses(full).items() if k >= 8}
+    assert {k: got[k] for k in FINAL_KEYS} == {k: expected[k] for k in FINAL_KEYS}

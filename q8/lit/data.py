@@ -7,6 +7,7 @@ and checks in its constructor that its files exist, so a wrong path fails before
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Subset,
+    TensorDataset,
+)
 
 from q8.lit.checkpoint import batches_into_epoch
 from q8.lit.errors import DatasetNotFoundError, UsageError
@@ -65,6 +73,35 @@ class ResumableSampler(RandomSampler):
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
 
 
+class ResumableDistributedSampler(DistributedSampler):
+    """torch's DistributedSampler, shuffled as Lightning builds it under DDP (seed
+    PL_GLOBAL_SEED + epoch, one shard per rank), that can replay an interrupted epoch from its
+    `start`-th sample of this rank's shard. Every rank steps through the same number of batches,
+    so one count, rank 0's, serves them all."""
+
+    def __init__(self, data_source: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,
+                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        self.epoch_seed: int | None = None
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch_seed: int, start: int) -> None:
+        """Make the next iteration, that of the epoch shuffled with `epoch_seed` (Lightning sets
+        the epoch before it), skip the first `start` samples of this rank's shard."""
+        self._resume = (epoch_seed, start)
+
+    def __iter__(self) -> Iterator[int]:
+        self.epoch_seed, start = self.seed + self.epoch, 0
+        if self._resume is not None:
+            (seed, start), self._resume = self._resume, None
+            if seed != self.epoch_seed:
+                raise UsageError(
+                    f"the checkpoint's epoch was shuffled with seed {seed}, this run shuffles "
+                    f"epoch {self.epoch} with {self.epoch_seed}: resume with the seed it was "
+                    "trained with")
+        yield from list(super().__iter__())[start:]
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that can start its next iteration without drawing from the global RNG."""
 
@@ -106,7 +143,12 @@ class _ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "setup() was not called"
-        sampler = ResumableSampler(dataset) if train else None
+        sampler = None
+        if train:
+            trainer = self.trainer
+            world = trainer.world_size if trainer is not None else 1
+            sampler = (ResumableDistributedSampler(dataset, world, trainer.global_rank)
+                       if world > 1 else ResumableSampler(dataset))
         loader = ResumableDataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -133,12 +175,11 @@ class _ClassificationDataModule(L.LightningDataModule):
         train on other batches than the interrupted one.
         """
         trainer, loader = self.trainer, self._train_loader
-        if trainer is None or loader is None or not isinstance(loader.sampler, ResumableSampler):
+        resumable = (ResumableSampler, ResumableDistributedSampler)
+        if trainer is None or loader is None or not isinstance(loader.sampler, resumable):
             return {}
         done = batches_into_epoch(trainer)
-        # no seed: this loader was not iterated (under DDP Lightning iterates a copy of it with
-        # a DistributedSampler, and resumes as it does for any loader)
-        if done is None or loader.sampler.epoch_seed is None:
+        if done is None or loader.sampler.epoch_seed is None:  # None: not iterated yet
             return {}
         return {"epoch_seed": loader.sampler.epoch_seed, "samples_done": done * loader.batch_size}
 

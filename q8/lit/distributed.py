@@ -52,11 +52,12 @@ class PerRankRNG(L.Callback):
     and its rank. The weights stay identical: DDP all-reduces the gradients computed
     from the quantized g_l, and every rank applies the same update.
 
-    A resumed run restores rank 0's saved state on every rank, then forks again: it is
-    reproducible, but not bit-identical to the uninterrupted run past the resume point."""
+    A checkpoint holds every rank's state (ClassifierModule.on_save_checkpoint): a run resumed
+    on as many ranks restores each rank's own and does not fork again, so it continues the
+    uninterrupted run's streams."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size < 2:
+        if trainer.world_size < 2 or getattr(pl_module, "rng_restored_per_rank", False):
             return
         common = int(torch.randint(0, 2**62, ()).item())  # the same on every rank
         seed = np.random.SeedSequence([common, trainer.global_rank]).generate_state(1)[0]

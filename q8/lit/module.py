@@ -121,13 +121,18 @@ class ClassifierModule(L.LightningModule):
 
         import numpy as np
 
-        checkpoint["rng_states"] = {
+        states = {
             "torch": torch.get_rng_state(),
             # plain types and tensors only: loadable by torch.load(weights_only=True)
             "numpy": _numpy_state_to_plain(np.random.get_state()),
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        checkpoint["rng_states"] = states
+        if self.trainer.world_size > 1:  # every rank's own stream (distributed.PerRankRNG)
+            gathered: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint["rng_states_per_rank"] = gathered
         if batches_into_epoch(self.trainer) is not None:
             checkpoint["epoch_metric_sums"] = self._logged_epoch_sums()
 
@@ -139,6 +144,11 @@ class ClassifierModule(L.LightningModule):
         if self._trainer is not None and self._trainer.state.fn == "fit":
             self._epoch_sums = checkpoint.get("epoch_metric_sums")
         states = checkpoint.get("rng_states")
+        per_rank = checkpoint.get("rng_states_per_rank")
+        trainer = self._trainer
+        if per_rank and trainer is not None and len(per_rank) == trainer.world_size:
+            states = per_rank[trainer.global_rank]
+            self.rng_restored_per_rank = True  # distributed.PerRankRNG: do not fork again
         if not states:
             return
         torch.set_rng_state(states["torch"])
