@@ -351,6 +351,11 @@ def cli() -> None:
         if _VERBOSE:
             raise
         exit_with(ex)
+    except OSError as ex:  # a path that cannot be read or written: the run dir, a data file
+        if _VERBOSE or not ex.filename:
+            raise
+        print(f"error: cannot use {ex.filename}: {ex.strerror or ex}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

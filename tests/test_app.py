@@ -253,6 +253,15 @@ def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> N
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = _run_cli(f"hydra.run.dir={blocker / 'run'}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: cannot use {blocker / 'run'}: Not a directory"], result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the cuda backend runs here")
 def test_an_unavailable_backend_is_one_clear_error() -> None:
     result = _run_cli("quant.backend=cuda", "hydra.run.dir=/tmp/q8-never-created")
