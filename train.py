@@ -181,6 +181,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    launch.log_each_line_once()  # now that Lightning added its own console handler
+
     from callbacks.nan_guard import NonFiniteError
     from q8.lit import ClassifierModule, check_model_name, distributed
     from q8.lit.checkpoint import AtomicCheckpointIO

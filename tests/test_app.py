@@ -253,6 +253,21 @@ def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> N
     assert re.search(message, lines[0]), lines[0]
 
 
+def test_each_log_line_appears_once(tmp_path: Path) -> None:
+    """Lightning's messages and its model summary reach the console once (and train.log once),
+    not once through Lightning's own handler and again through Hydra's."""
+    from tests.conftest import TINY, TINY_DIGITS
+
+    run_dir = tmp_path / "run"
+    tiny = [o for o in TINY if "enable_model_summary" not in o]
+    result = _run_cli(*tiny, *TINY_DIGITS, "quant=fp32", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stdout + result.stderr
+    for line in ("GPU available:", "Trainable params"):
+        assert console.count(line) == 1, (line, console[-3000:])
+        assert (run_dir / "train.log").read_text().count(line) == 1, line
+
+
 def test_a_run_directory_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("")

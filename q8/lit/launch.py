@@ -108,3 +108,15 @@ def close_log_files_off_rank_zero(env: Mapping[str, str] = os.environ) -> None:
     for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
+
+
+def log_each_line_once() -> None:
+    """Lightning's loggers print through a handler of their own when they are imported before
+    Hydra configures logging, and their records then reach Hydra's console handler too: every
+    Lightning line, the model summary included, appeared twice. Their own console handlers go;
+    their records reach Hydra's handlers (console and <run dir>/train.log) once."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
