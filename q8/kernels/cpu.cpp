@@ -126,35 +126,31 @@ int64_t exact_block(double largest_term) {
   return std::max<int64_t>(1, int64_t(16777216.0 / std::max(largest_term, 1.0)));
 }
 
-double exact_sum(const float* __restrict v, int64_t n, int64_t block) {
+// sum of term(i) for i < n, exactly, for integer-valued float terms of at most 2^24 / block.
+template <typename Term>
+double exact_sum_of(int64_t n, int64_t block, Term term) {
   double total = 0;
   int64_t i = 0;
   while (i + 8 <= n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const int64_t end = std::min(n - (n - i) % 8, i + 8 * block);
     for (; i < end; i += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += v[i + j];
+      for (int j = 0; j < 8; ++j) acc[j] += term(i + j);
     for (int j = 0; j < 8; ++j) total += acc[j];
   }
-  for (; i < n; ++i) total += v[i];
+  for (; i < n; ++i) total += term(i);
   return total;
+}
+
+double exact_sum(const float* __restrict v, int64_t n, int64_t block) {
+  return exact_sum_of(n, block, [v](int64_t k) { return v[k]; });
 }
 
 // sum of a[i] * b[i], exactly, for integer-valued a, b whose products |a b| are at most
 // 2^24 / block.
 double exact_dot(const float* __restrict a, const float* __restrict b, int64_t n,
                  int64_t block) {
-  double total = 0;
-  int64_t i = 0;
-  while (i + 8 <= n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t end = std::min(n - (n - i) % 8, i + 8 * block);
-    for (; i < end; i += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-    for (int j = 0; j < 8; ++j) total += acc[j];
-  }
-  for (; i < n; ++i) total += double(a[i] * b[i]);
-  return total;
+  return exact_sum_of(n, block, [a, b](int64_t k) { return a[k] * b[k]; });
 }
 
 // sum of codes[0, n), exactly (in int64 lanes: 255 n < 2^63).
