@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from q8.config import QuantConfig
 from q8.lit import launch
-from q8.lit.errors import UsageError
+from q8.lit.errors import StoppedBySignal, UsageError
 from q8.lit.validate import check_data_config, check_model_input
 
 # Lightning, timm and wandb take seconds to import: they are imported once the configuration
@@ -228,30 +229,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        # ResumableCheckpoint saved last.ckpt; 128 + SIGTERM, as a shell reports a kill
-        print(f"stopped by a signal; resume with ckpt_path=last hydra.run.dir={output_dir}")
-        sys.exit(143)
-    except NonFiniteError as ex:  # the NanGuard callback's verdict: one line, no traceback
-        print(f"error: {ex}", file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as ex:  # a rank died or hangs: name it, stop the others
-        message = distributed.lost_rank_message(trainer, ex)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    with distributed.stop_started_ranks_on_signal(trainer):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # ResumableCheckpoint saved last.ckpt; 128 + SIGTERM, as a shell reports a kill
+            print(f"stopped by a signal; resume with ckpt_path=last hydra.run.dir={output_dir}")
+            sys.exit(143)
+        except NonFiniteError as ex:  # the NanGuard callback's verdict: one line, no traceback
+            print(f"error: {ex}", file=sys.stderr)
+            sys.exit(1)
+        except RuntimeError as ex:  # a rank died or hangs: name it, stop the others
+            message = distributed.lost_rank_message(trainer, ex)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
-    checkpoint = trainer.checkpoint_callback
-    best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-    tested = best if cfg.get("test_weights", "best") == "best" else ""  # "": the final weights
-    test_metrics: dict[str, float] = {}
-    if cfg.get("test", True):
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=tested or None)
-        test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
+        checkpoint = trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        tested = best if cfg.get("test_weights", "best") == "best" else ""  # "": the final weights
+        test_metrics: dict[str, float] = {}
+        if cfg.get("test", True):
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=tested or None)
+            test_metrics = {k: float(v) for k, v in results[0].items()} if results else {}
 
     def pick(name: str) -> float | None:
         return fit_metrics.get(f"{name}_epoch", fit_metrics.get(name))
@@ -347,8 +349,15 @@ def cli() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's exit(1)
     # Under torchrun and srun every rank composes the config: one run dir (Q8_RUN_ID) for all
     sys.argv += launch.launch_overrides(sys.argv[1:])
+    for signum in (signal.SIGTERM, signal.SIGUSR1):  # fit replaces them with a saving stop
+        signal.signal(signum, StoppedBySignal.raise_on)
     try:
         main()
+    except StoppedBySignal as ex:  # outside fit: nothing to save
+        name = signal.Signals(ex.signum).name
+        print(f"stopped by {name} outside training: this stop saved no checkpoint",
+              file=sys.stderr)
+        sys.exit(143)
     except (UsageError, HydraException, OmegaConfBaseException) as ex:
         if _VERBOSE:
             raise

@@ -2,11 +2,12 @@
 
 - `AtomicCheckpointIO` writes a checkpoint to a temporary file in the target directory and
   `os.replace()`s it, so a kill never leaves a half-written `last.ckpt`.
-- `ResumableCheckpoint` is Lightning's ModelCheckpoint plus: SIGUSR1 is treated like SIGTERM
-  (Lightning's own SIGTERM handling stops the loop after the current batch and raises
-  SIGTERMException), and on that exception `last.ckpt` is saved before the process exits (a
-  signal during validation takes effect when that validation ends: Lightning's resume from
-  inside a validation would skip the rest of it and reshuffle the next epoch differently);
+- `ResumableCheckpoint` is Lightning's ModelCheckpoint plus: SIGTERM and SIGUSR1 stop the run
+  after the current batch, every rank at the same step (the handler only records the signal;
+  the ranks agree on it at each batch end, then Lightning's loop raises SIGTERMException), and
+  on that exception `last.ckpt` is saved before the process exits (a signal during validation
+  takes effect when that validation ends: Lightning's resume from inside a validation would
+  skip the rest of it and reshuffle the next epoch differently);
   `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
   cannot be caught) loses at most that many steps; the temporary files of a write that a kill
   interrupted are removed when the next run starts. `last.ckpt` is written at the end of
@@ -117,7 +118,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
         self.save_on_signal = save_on_signal
         self.last_every_n_train_steps = last_every_n_train_steps
-        self._old_sigusr1: Any = None
+        self._signals_taken = False
+        self._signal_pending = False
         self._deferred_signal = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -136,26 +138,63 @@ class ResumableCheckpoint(ModelCheckpoint):
         batch_idx: int,
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._signals_taken:
+            self._agree_on_signal(trainer)
         n = self.last_every_n_train_steps
         # at an epoch's last batch the epoch-end checkpoint follows; saving here would make
         # Lightning's resume skip that epoch's validation
         if n and trainer.global_step % n == 0 and batches_into_epoch(trainer) is not None:
             self._save_last_if_behind(trainer)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_signals(trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_over_signals(trainer)
+
+    def _take_over_signals(self, trainer: L.Trainer) -> None:
+        """Replace Lightning's SIGTERM handler (and handle SIGUSR1 the same way) with one that
+        only records the signal; the ranks agree on it at the next batch end or validation end.
+
+        Lightning's own handler broadcasts from inside the signal handler, which deadlocks a DDP
+        run when the signal lands during another collective, and each rank then stops at the
+        first batch end after its own signal, so the ranks can stop at different steps. Lightning
+        restores the handlers it found at fit start when fit ends, these included."""
+        if not self.save_on_signal or self._signals_taken:
+            return
         env = trainer._accelerator_connector.cluster_environment
         slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if not self.save_on_signal or slurm_requeue or not hasattr(signal, "SIGUSR1"):
-            return  # under SLURM, Lightning's requeue handler owns SIGUSR1
+        # under SLURM, Lightning's requeue handler owns SIGUSR1
+        signums = [signal.SIGTERM]
+        if hasattr(signal, "SIGUSR1") and not slurm_requeue:
+            signums.append(signal.SIGUSR1)
 
-        def stop(signum: int, frame: Any) -> None:
-            rank_zero_info(f"Received signal {signum}: saving last.ckpt after this batch")
-            trainer._signal_connector.received_sigterm = True
+        def record(signum: int, frame: Any) -> None:
+            if not self._signal_pending:
+                rank_zero_info(f"Received signal {signum}: saving last.ckpt after this batch")
+                launcher = trainer.strategy.launcher
+                if launcher is not None:  # the ranks this process started get it too
+                    launcher.kill(signum)
+            self._signal_pending = True
 
         try:
-            self._old_sigusr1 = signal.signal(signal.SIGUSR1, stop)
-        except ValueError:  # not the main thread
-            self._old_sigusr1 = None
+            for signum in signums:
+                signal.signal(signum, record)
+        except ValueError:  # not the main thread: Lightning's handlers stay
+            return
+        self._signals_taken = True
+
+    def _agree_on_signal(self, trainer: L.Trainer) -> None:
+        """Every rank calls this at the same point: if any rank has received a signal, all of
+        them tell Lightning to stop, so they stop at the same step."""
+        stop = self._signal_pending
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self._signal_pending = False
+            trainer._signal_connector.received_sigterm = True
 
     def on_validation_batch_end(
         self,
@@ -179,6 +218,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)  # the epoch's best and last checkpoints
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)
+        if self._signals_taken and not trainer.sanity_checking:
+            self._agree_on_signal(trainer)
         if self._deferred_signal:
             self._deferred_signal = False
             trainer._signal_connector.received_sigterm = True  # stop before the next batch
@@ -191,9 +232,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._old_sigusr1 is not None:
-            signal.signal(signal.SIGUSR1, self._old_sigusr1)
-            self._old_sigusr1 = None
+        self._signals_taken = False
+        self._signal_pending = False
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -5,8 +5,10 @@ q8.lit.launch.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
@@ -15,6 +17,7 @@ import torch
 from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from q8.lit.errors import StoppedBySignal
 from q8.norm import set_range_bn_sync
 
 
@@ -62,6 +65,19 @@ class PerRankRNG(L.Callback):
         common = int(torch.randint(0, 2**62, ()).item())  # the same on every rank
         seed = np.random.SeedSequence([common, trainer.global_rank]).generate_state(1)[0]
         torch.manual_seed(int(seed))  # the CPU and every CUDA generator
+
+
+@contextlib.contextmanager
+def stop_started_ranks_on_signal(trainer: L.Trainer) -> Iterator[None]:
+    """On StoppedBySignal, forward the signal to the ranks this process started (Lightning's
+    launcher), which would otherwise wait for it in their next collective."""
+    try:
+        yield
+    except StoppedBySignal as ex:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        if launcher is not None and getattr(launcher, "procs", None):
+            launcher.kill(ex.signum)
+        raise
 
 
 def lost_rank_message(trainer: L.Trainer, ex: BaseException) -> str | None:

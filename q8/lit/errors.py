@@ -13,3 +13,18 @@ class DatasetNotFoundError(UsageError):
 class CheckpointWriteError(UsageError):
     """A checkpoint could not be written (disk full, quota, file size limit); the previous
     checkpoint at that path is left as it was."""
+
+
+class StoppedBySignal(BaseException):
+    """SIGTERM or SIGUSR1 outside a training loop (start-up, the test after fit), where no
+    checkpoint is saved: train.py stops the ranks it started and exits with 143. During fit,
+    ResumableCheckpoint handles the signal instead and saves last.ckpt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @staticmethod
+    def raise_on(signum: int, frame: object) -> None:
+        """The signal handler train.py installs."""
+        raise StoppedBySignal(signum)
