@@ -25,14 +25,13 @@ ENV HOME=/tmp \
 
 WORKDIR /workspace
 
-# The install of `make setup`, which CI runs (.ci/run): the project and its `dev` extra from
+# The install of `make setup`, which CI runs (.ci/run): the project and its `app` and `dev` extras from
 # pyproject.toml, editable, with the versions CI ran (constraints.txt), but for torch: the base
 # image's CUDA build satisfies pyproject's torch range, so pip keeps it
 # (tests/test_distributed.py checks that the two commands agree).
 COPY pyproject.toml README.md constraints.txt ./
 COPY q8/ q8/
-COPY callbacks/ callbacks/
-RUN python -m pip install -c constraints.txt -e '.[dev]' && chmod -R a+rwX /workspace
+RUN python -m pip install -c constraints.txt -e '.[app,dev]' && chmod -R a+rwX /workspace
 
 COPY . .
 RUN mkdir -p outputs data && chmod -R a+rwX /workspace

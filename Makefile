@@ -13,7 +13,7 @@ setup: $(STAMP)
 # live. constraints.txt holds the versions CI ran (the Dockerfile installs with it too).
 $(STAMP): pyproject.toml constraints.txt constraints-torch.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -c constraints-torch.txt -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -c constraints-torch.txt -c constraints.txt -e '.[app,dev]'
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -184,8 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     launch.log_each_line_once()  # now that Lightning added its own console handler
 
-    from callbacks.nan_guard import NonFiniteError
     from q8.lit import ClassifierModule, check_model_name, distributed
+    from q8.lit.callbacks.nan_guard import NonFiniteError
     from q8.lit.checkpoint import AtomicCheckpointIO
 
     check_model_name(cfg.model.name)

@@ -267,7 +267,7 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.{digits}f}{spread}"
 
 
-LAYERS_KEY = "q8_stats_layers"  # written by callbacks.quant_stats
+LAYERS_KEY = "q8_stats_layers"  # written by q8.lit.callbacks.quant_stats
 _LAYER_KEY = re.compile(r"^(quant|grads)/(.+)/([a-z_]+)$")
 LAYER_METRICS = ("quant/weight_sqnr_db", "quant/act_sqnr_db", "quant/grad_sqnr_db",
                  "quant/wgrad_sqnr_db", "quant/wgrad_cosine", "grads/wgrad_norm")

@@ -103,7 +103,8 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
     return out / config.name / f"seed{seed}"
 
 
-# the one line train.py prints when callbacks/nan_guard.py stops a run (NonFiniteError, exit 1)
+# the one line train.py prints when q8/lit/callbacks/nan_guard.py stops a run
+# (NonFiniteError, exit 1)
 DIVERGED = re.compile(r"non-finite value at step (\d+)")
 
 

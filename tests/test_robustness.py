@@ -293,8 +293,8 @@ def _tiny_run(action, poison, tmp_path):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from callbacks.nan_guard import NanGuard
     from q8 import QuantConfig, quantize_model
+    from q8.lit.callbacks.nan_guard import NanGuard
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -334,14 +334,14 @@ def _inf_weight(net):
 
 
 def test_non_finite_weight_stops_naming_the_layer(tmp_path):
-    from callbacks.nan_guard import NonFiniteError
+    from q8.lit.callbacks.nan_guard import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"net\.4\.weight: weights"):
         _tiny_run("stop", _inf_weight, tmp_path)
 
 
 def test_non_finite_activation_is_traced_to_its_layer(tmp_path):
-    from callbacks.nan_guard import NonFiniteError
+    from q8.lit.callbacks.nan_guard import NonFiniteError
 
     def nan_into_relu(net):  # NaN activations enter net.2 from now on
         net[2].register_forward_pre_hook(lambda m, args: (args[0] * float("nan"),))
@@ -353,7 +353,7 @@ def test_non_finite_activation_is_traced_to_its_layer(tmp_path):
 def test_non_finite_bn_parameter_is_named(tmp_path):
     import torch
 
-    from callbacks.nan_guard import NonFiniteError
+    from q8.lit.callbacks.nan_guard import NonFiniteError
 
     def nan_bn_bias(net):  # a NaN bias in BN: the next layers see NaN activations
         with torch.no_grad():
@@ -397,7 +397,7 @@ def _inf_backward_after_the_last_layer(net):  # dL/dy of net.4 (the logits) is i
     ids=["in-a-layer", "after-the-last-layer"],
 )
 def test_non_finite_g_l_in_the_backward_is_traced_to_its_layer(poison, message, tmp_path):
-    from callbacks.nan_guard import NonFiniteError
+    from q8.lit.callbacks.nan_guard import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"at step 1, " + message):
         _tiny_run("stop", poison, tmp_path)
@@ -406,7 +406,7 @@ def test_non_finite_g_l_in_the_backward_is_traced_to_its_layer(poison, message, 
 def test_replay_reruns_a_step_with_its_rng_and_restores_buffers():
     from torch import nn
 
-    from callbacks.nan_guard import replaying
+    from q8.lit.callbacks.nan_guard import replaying
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
     start = {"cpu": torch.get_rng_state()}
@@ -437,7 +437,7 @@ def test_skip_action_drops_bad_steps_and_keeps_weights_finite(tmp_path):
 
 
 def test_nan_guard_rejects_unknown_action():
-    from callbacks.nan_guard import NanGuard
+    from q8.lit.callbacks.nan_guard import NanGuard
 
     with pytest.raises(ValueError, match="stop, skip"):
         NanGuard("ignore")

@@ -7,7 +7,8 @@ The standard ones (checkpointing, progress) come from Lightning; q8-specific cal
 from importlib import import_module
 from typing import Any
 
-_EXPORTS = {"QuantStatsCallback": "callbacks.quant_stats"}  # imported on use: Lightning is slow
+# imported on use: Lightning is slow to import
+_EXPORTS = {"QuantStatsCallback": "q8.lit.callbacks.quant_stats"}
 
 __all__ = sorted(_EXPORTS)
 
@@ -15,4 +16,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'callbacks' has no attribute {name!r}")
+    raise AttributeError(f"module 'q8.lit.callbacks' has no attribute {name!r}")
