@@ -186,7 +186,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from q8.lit import ClassifierModule, check_model_name, distributed
     from q8.lit.callbacks.nan_guard import NonFiniteError
-    from q8.lit.checkpoint import AtomicCheckpointIO
 
     check_model_name(cfg.model.name)
     datamodule = instantiate(cfg.data, "data")
@@ -214,17 +213,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_model_input(module.model, datamodule)  # the model takes the data's images
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    callbacks.append(distributed.PerRankRNG())  # independent rounding noise on each rank
     loggers = create_loggers(cfg.get("logger"))
-    plugins = [AtomicCheckpointIO()] if not cfg.trainer.get("plugins") else []
+    plugins = [instantiate(p, "trainer.plugins") for p in cfg.trainer.get("plugins") or []]
     if cfg.get("sync_range_bn"):
-        if cfg.trainer.get("plugins"):
-            raise UsageError("sync_range_bn=true adds a plugin: add q8.lit.distributed."
-                             "RangeBNSync to trainer.plugins instead")
         plugins.append(distributed.RangeBNSync())  # all-reduces Range BN's chunk statistics
-    extra = {"plugins": plugins} if plugins else {}
     trainer = instantiate(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **extra
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+        plugins=plugins or None,
     )
     for logger in loggers:
         logger.log_hyperparams(resolved)
