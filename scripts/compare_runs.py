@@ -5,10 +5,11 @@
     python scripts/compare_runs.py ENTITY/PROJECT --filters '{"group": "cifar10_resnet18"}'
     python scripts/compare_runs.py ENTITY/PROJECT/RUN_ID ...   # online (needs a W&B API key)
 
-A local run is a Hydra run directory (metrics.json, wandb/offline-run-*/run-*.wandb and/or
-csv/metrics.csv), an offline-run-* directory or a .wandb file. Offline W&B run files are read
-directly, without a network. Writes to --out: summary.csv, layers.csv, curves.png (accuracy and
-loss by preset) and layers.png (per-layer quantization error and gradient norms by preset).
+A local run is a Hydra run directory: metrics.json (the final metrics) and the history that
+Lightning's CSVLogger writes beside W&B, csv/metrics.csv with csv/hparams.yaml (read by
+q8.lit.run_history, without a network). An online run is read with W&B's public API. Writes to
+--out: summary.csv, layers.csv, curves.png (accuracy and loss by preset) and layers.png
+(per-layer quantization error and gradient norms by preset).
 """
 
 from __future__ import annotations
@@ -17,95 +18,12 @@ import argparse
 import json
 import math
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-# ---------------------------------------------------------------- W&B offline run files
-# A .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then
-# 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type: full, first, middle,
-# last); a block whose tail is shorter than a chunk header is zero-padded. Each record is a
-# serialised wandb.proto Record.
-
-_BLOCK, _HEADER = 32768, 7
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
-
-
-def _wandb_records(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:_HEADER])
-    if ident != b":W&B" or magic != 0xBEE1:
-        raise ValueError(f"{path} is not a W&B run file (header {data[:_HEADER]!r})")
-    records, pending, off = [], b"", _HEADER
-    while off + _HEADER <= len(data):
-        if _BLOCK - off % _BLOCK < _HEADER:  # padding at the end of a block
-            off += _BLOCK - off % _BLOCK
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[off : off + _HEADER])
-        off += _HEADER
-        chunk = data[off : off + length]
-        off += length
-        if kind == _FULL:
-            records.append(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            records.append(pending + chunk)
-            pending = b""
-        elif kind == 0 and length == 0:  # zero fill: skip to the next block
-            off += -off % _BLOCK
-    return records
-
-
-def _set_item(d: dict[str, Any], item: Any) -> None:
-    keys = list(item.nested_key) or [item.key]
-    value = json.loads(item.value_json) if item.value_json else None
-    for k in keys[:-1]:
-        d = d.setdefault(k, {})
-    d[keys[-1]] = value
-
-
-def read_wandb_file(path: str | Path) -> dict[str, Any]:
-    """An offline W&B run file as {run: name/group/tags/id, config, summary, history}.
-
-    history is a list of dicts, one per wandb.log call (histograms are nested dicts).
-    """
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run: dict[str, Any] = {}
-    config: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
-    for raw in _wandb_records(Path(path)):
-        rec = pb.Record()
-        rec.ParseFromString(raw)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            r = rec.run
-            run = {"id": r.run_id, "name": r.display_name, "group": r.run_group,
-                   "project": r.project, "tags": list(r.tags)}
-            for item in r.config.update:
-                _set_item(config, item)
-        elif kind == "config":
-            for item in rec.config.update:
-                _set_item(config, item)
-        elif kind == "summary":
-            for item in rec.summary.update:
-                _set_item(summary, item)
-        elif kind == "history":
-            row: dict[str, Any] = {}
-            for item in rec.history.item:
-                _set_item(row, item)
-            history.append(row)
-    config.pop("_wandb", None)
-    return {"run": run, "config": config, "summary": summary, "history": history}
-
 
 # ---------------------------------------------------------------- runs
 
@@ -139,7 +57,7 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _history_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
+def _history_frame(rows: list[dict[str, float]] | pd.DataFrame) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -151,16 +69,10 @@ def _history_frame(rows: list[dict[str, float]]) -> pd.DataFrame:
 
 
 def load_local(path: Path) -> list[Run]:
-    """Every run under `path` (a run directory, a folder of them, or one W&B run file)."""
-    if path.is_file() and path.suffix == ".wandb":
-        return [_run_from_wandb(path, None)]
-    if path.name.startswith("offline-run-") or path.name.startswith("run-"):
-        files = sorted(path.glob("run-*.wandb"))
-        if files:
-            return [_run_from_wandb(files[-1], None)]
-    has_run = (path / "metrics.json").is_file() or any(path.glob("wandb/*run-*/run-*.wandb")) \
-        or (path / "csv" / "metrics.csv").is_file() or (path / "metrics.csv").is_file()
-    if has_run:
+    """Every run under `path`: a run directory, or a folder of them."""
+    from q8.lit.run_history import metrics_file
+
+    if (path / "metrics.json").is_file() or metrics_file(path):
         return [_run_from_dir(path)]
     runs: list[Run] = []
     for child in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "wandb"):
@@ -168,35 +80,17 @@ def load_local(path: Path) -> list[Run]:
     return runs
 
 
-def _run_from_wandb(path: Path, metrics: dict[str, Any] | None) -> Run:
-    data = read_wandb_file(path)
-    summary = {**_scalars(data["summary"]), **(metrics or {})}
-    rows = [_scalars(r) for r in data["history"]]
-    name = data["run"].get("name") or path.parent.name
-    return Run(name, str(path), data["config"], summary, _history_frame(rows))
-
-
 def _run_from_dir(path: Path) -> Run:
-    metrics_file = path / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    wandb_files = sorted(path.glob("wandb/*run-*/run-*.wandb"))
-    if wandb_files:
-        run = _run_from_wandb(wandb_files[-1], metrics)  # the latest, when resumed
-    else:
-        run = Run(path.name, str(path), {}, dict(metrics))
-    if run.history.empty:
-        for csv in (path / "csv" / "metrics.csv", path / "metrics.csv"):
-            if csv.is_file():
-                run.history = _history_frame(pd.read_csv(csv).to_dict("records"))
-                hparams = csv.with_name("hparams.yaml")
-                if hparams.is_file():
-                    import yaml
+    from q8.lit.run_history import metrics_file, read_history, read_hparams
 
-                    run.config = {**(yaml.safe_load(hparams.read_text()) or {}), **run.config}
-                break
-        if not run.summary and not run.history.empty:  # final values from the CSV's last rows
-            last = run.history.ffill().iloc[-1]
-            run.summary = {k: float(v) for k, v in last.items() if pd.notna(v)}
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    run = Run(path.name, str(path), read_hparams(path), dict(metrics))
+    if metrics_file(path):
+        run.history = _history_frame(read_history(path))
+    if not run.summary and not run.history.empty:  # final values from the CSV's last rows
+        last = run.history.ffill().iloc[-1]
+        run.summary = {k: float(v) for k, v in last.items() if pd.notna(v)}
     run.config = {**run.config, **{k: metrics[k] for k in ("seed", "model", "experiment")
                                    if k in metrics}}
     if metrics.get("model") and metrics.get("quant"):
@@ -292,7 +186,7 @@ def layer_table(runs: list[Run], tail: float = 0.5) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["preset", "layer", "metric", "mean", "std", "order"])
     frame = pd.DataFrame(rows)
-    # network order as QuantStatsCallback records it; W&B history keeps no key order
+    # network order as QuantStatsCallback records it: the CSV sorts its columns by name
     known = [name for r in runs for name in (r.config.get(LAYERS_KEY) or [])]
     order = {layer: i for i, layer in enumerate(dict.fromkeys([*known, *frame["layer"]]))}
     table = frame.groupby(["preset", "metric", "layer"], sort=False)["value"].agg(
@@ -388,7 +282,7 @@ def plot_layers(table: pd.DataFrame, path: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories, .wandb files, or W&B paths "
+    p.add_argument("runs", nargs="+", help="run directories (or folders of them), or W&B paths "
                    "(ENTITY/PROJECT or ENTITY/PROJECT/RUN_ID)")
     p.add_argument("--filters", help="W&B MongoDB-style run filters (JSON), online only")
     p.add_argument("--metrics", nargs="*", help=f"final metrics (default: {DEFAULT_METRICS})")

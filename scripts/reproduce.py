@@ -313,14 +313,16 @@ def plot_curves(out: Path, seeds: dict[str, list[int]], names: list[str], path: 
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from q8.lit.run_history import metrics_file, read_history
+
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
     for name in names:
         frames = []
         for s in seeds.get(name, []):
-            csv = out / name / f"seed{s}" / "csv" / "metrics.csv"
-            if csv.is_file():
-                df = pd.read_csv(csv)
+            directory = out / name / f"seed{s}"  # run_dir(out, config, s)
+            if metrics_file(directory):
+                df = read_history(directory)
                 if "val/acc" in df and "epoch" in df:
                     frames.append(df.dropna(subset=["val/acc"]).groupby("epoch")["val/acc"]
                                   .last())

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from q8.config import QuantConfig
-from q8.lit.wandb_files import read_offline_run
+from q8.lit.run_history import read_history, read_hparams, values
 from tests.conftest import CONF_DIR, ROOT, compose_config
 from train import build_quant_config, train
 
@@ -200,23 +200,64 @@ def test_missing_dataset_is_one_clear_error(tiny_config, tmp_path: Path) -> None
 
 
 def test_wandb_runs_offline_without_credentials(tiny_config, tmp_path: Path, monkeypatch) -> None:
+    import wandb
+
+    import train as train_module
+
     for var in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.setenv(var, "")  # so that monkeypatch restores the variable afterwards
         monkeypatch.delenv(var)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    seen: list[dict] = []  # the W&B run as train.py closes it (its summary is gone afterwards)
+    finish = wandb.Run.finish
+
+    def look_and_finish(run, *args, **kwargs):
+        seen.append({"name": run.name, "group": run.group, "tags": set(run.tags),
+                     "config": dict(run.config), "summary": dict(run.summary)})
+        return finish(run, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.Run, "finish", look_and_finish)
+    losses: dict[int, float] = {}  # train/loss_step as Lightning hands it to the loggers
+    monkeypatch.setattr(train_module, "create_loggers", _recording_loggers(
+        train_module.create_loggers, losses))
     run_dir = tmp_path / "run"
     metrics = train(tiny_config("quant=fp32", "logger=wandb", run_dir=run_dir))
     assert os.environ["WANDB_MODE"] == "offline"
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    run = read_offline_run(runs[0])
+    (run,) = seen
     assert run["name"] == "resnet18-fp32-s0" and run["group"] == "default"
-    assert {"resnet18", "fp32", "digits"} <= set(run["tags"])
+    assert {"resnet18", "fp32", "digits"} <= run["tags"]
     assert run["config"]["model"]["name"] == "resnet18"
     assert run["config"]["quant"]["grad_bits"] is None  # the resolved fp32 preset
     assert run["summary"]["final/test/acc"] == pytest.approx(metrics["test/acc"])
-    assert any("train/loss_step" in row for row in run["history"])
+    # the CSV log beside W&B: the resolved config, and every step's loss as it was logged
+    assert read_hparams(run_dir)["quant"]["grad_bits"] is None
+    history = read_history(run_dir)
+    assert sorted(losses) == [0, 1]  # TINY: 2 training batches, one logging step each
+    assert dict(values(history, "train/loss_step")) == losses
+    assert values(history, "test/acc").iloc[-1] == metrics["test/acc"]
+
+
+def _recording_loggers(create_loggers, losses: dict[int, float]):
+    """create_loggers, with the CSV logger's log_metrics recording train/loss_step by step."""
+    def create(node):
+        loggers = create_loggers(node)
+        from lightning.pytorch.loggers import CSVLogger
+
+        (csv_logger,) = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+        log_metrics = csv_logger.log_metrics
+
+        def record(metrics, step=None):
+            if "train/loss_step" in metrics:
+                losses[step] = float(metrics["train/loss_step"])
+            return log_metrics(metrics, step)
+
+        csv_logger.log_metrics = record
+        return loggers
+
+    return create
 
 
 def _run_cli(*overrides: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py and scripts/dashboard.py on offline runs made here."""
+"""q8.lit.run_history, scripts/compare_runs.py and scripts/dashboard.py on runs made here."""
 
 from __future__ import annotations
 
@@ -12,32 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("conv1", "layer1.0.conv1", "fc")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-
-
 def make_run(run_dir: Path, preset: str, seed: int, acc: float, steps: int = 120) -> None:
-    """A run directory as train.py leaves it: an offline W&B run and metrics.json."""
-    import wandb
+    """A run directory as train.py leaves it: Lightning's CSV log (csv/metrics.csv and
+    hparams.yaml) and metrics.json."""
+    from lightning.pytorch.loggers import CSVLogger
 
-    run_dir.mkdir(parents=True)
-    run = wandb.init(project="q8-test", dir=str(run_dir), name=f"resnet18-{preset}-s{seed}",
-                     group="test", config={"quant_name": preset, "seed": seed,
-                             "q8_stats_layers": list(LAYERS)}, reinit=True)
+    logger = CSVLogger(str(run_dir), name="csv", version="")
+    logger.log_hyperparams({"quant_name": preset, "seed": seed, "q8_stats_layers": list(LAYERS)})
     sqnr = 40.0 if preset.startswith("q8") else 90.0
     for step in range(steps):
-        row = {"trainer/global_step": step, "train/loss_step": 2.0 / (1 + step) + seed * 0.01}
-        if step % 10 == 0:  # per-layer keys, as QuantStatsCallback logs them
+        logger.log_metrics({"train/loss_step": 2.0 / (1 + step) + seed * 0.01}, step=step)
+        if step % 10 == 0:  # per-layer keys, as QuantStatsCallback logs them: a row of their own
+            row = {}
             for i, layer in enumerate(LAYERS):
                 row[f"quant/{layer}/grad_sqnr_db"] = sqnr + i
                 row[f"quant/{layer}/wgrad_cosine"] = 0.999
                 row[f"grads/{layer}/wgrad_norm"] = 0.1 * (i + 1)
+            logger.log_metrics(row, step=step)
         if step % 40 == 39:
-            row["val/acc"] = acc * step / steps
-        run.log(row)
-    run.finish()
+            logger.log_metrics({"val/acc": acc * step / steps, "epoch": step // 40}, step=step)
+    logger.finalize("success")
     metrics = {"test/acc": acc, "test/loss": 1 - acc, "val/acc_best": acc, "quant": preset,
                "seed": seed, "model": "resnet18"}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -45,26 +39,30 @@ def make_run(run_dir: Path, preset: str, seed: int, acc: float, steps: int = 120
 
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WANDB_MODE", "offline")
-        mp.setenv("WANDB_SILENT", "true")
-        root = tmp_path_factory.mktemp("runs")
-        make_run(root / "q8_s0", "q8_bifurcated", 0, 0.90)
-        make_run(root / "q8_s1", "q8_bifurcated", 1, 0.92)
-        make_run(root / "fp32_s0", "fp32", 0, 0.95)
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root / "q8_s0", "q8_bifurcated", 0, 0.90)
+    make_run(root / "q8_s1", "q8_bifurcated", 1, 0.92)
+    make_run(root / "fp32_s0", "fp32", 0, 0.95)
     return root
 
 
-def test_offline_run_file_reads_back_every_row(runs_root, load_script):
-    cr = load_script("compare_runs")
-    (path,) = runs_root.glob("q8_s0/wandb/offline-run-*/run-*.wandb")
-    assert path.stat().st_size > 32768  # records cross a block boundary
-    data = cr.read_wandb_file(path)
-    assert data["run"]["name"] == "resnet18-q8_bifurcated-s0"
-    assert data["config"]["quant_name"] == "q8_bifurcated"
-    steps = [r["trainer/global_step"] for r in data["history"] if "trainer/global_step" in r]
-    assert steps == list(range(120))
-    assert data["summary"]["quant/fc/grad_sqnr_db"] == 42.0
+def test_the_csv_log_reads_back_every_row(runs_root):
+    from q8.lit.run_history import read_history, read_hparams, values
+
+    run = runs_root / "q8_s0"
+    assert read_hparams(run)["quant_name"] == "q8_bifurcated"
+    assert read_hparams(run)["q8_stats_layers"] == list(LAYERS)
+    history = read_history(run)
+    # one row per logging call: 120 loss rows, 12 per-layer rows, 3 validation rows
+    assert len(history) == 120 + 12 + 3
+    loss = values(history, "train/loss_step")
+    assert list(loss.index) == list(range(120))
+    # the CSV holds the float's shortest repr: it reads back exactly
+    assert list(loss) == [2.0 / (1 + s) for s in range(120)]
+    assert dict(values(history, "quant/fc/grad_sqnr_db")) == {s: 42.0 for s in range(0, 120, 10)}
+    assert values(history, "no/such/key").empty
+    with pytest.raises(FileNotFoundError, match="logger=wandb or logger=csv"):
+        read_history(runs_root)
 
 
 def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys, load_script):

@@ -4,7 +4,6 @@ a long quantized run stays finite."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -64,9 +63,9 @@ def _train(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def _step_losses(run_dir: Path) -> dict[int, float]:
     """train/loss_step by step, from the CSV logger (a resumed run rewrites it from its start)."""
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss_step"])
-                for r in csv.DictReader(f) if r.get("train/loss_step")}
+    from q8.lit.run_history import read_history, values
+
+    return {int(k): float(v) for k, v in values(read_history(run_dir), "train/loss_step").items()}
 
 
 def _last_step(run_dir: Path) -> int:
