@@ -6,7 +6,7 @@
     python scripts/compare_runs.py ENTITY/PROJECT/RUN_ID ...   # online (needs a W&B API key)
 
 A local run is a Hydra run directory: metrics.json (the final metrics) and the history that
-Lightning's CSVLogger writes beside W&B, csv/metrics.csv with csv/hparams.yaml (read by
+Lightning's CSVLogger writes beside W&B, csv/version_<n>/ for each launch (read by
 q8.lit.run_history, without a network). An online run is read with W&B's public API. Writes to
 --out: summary.csv, layers.csv, curves.png (accuracy and loss by preset) and layers.png
 (per-layer quantization error and gradient norms by preset).
@@ -70,9 +70,9 @@ def _history_frame(rows: list[dict[str, float]] | pd.DataFrame) -> pd.DataFrame:
 
 def load_local(path: Path) -> list[Run]:
     """Every run under `path`: a run directory, or a folder of them."""
-    from q8.lit.run_history import metrics_file
+    from q8.lit.run_history import metrics_files
 
-    if (path / "metrics.json").is_file() or metrics_file(path):
+    if (path / "metrics.json").is_file() or metrics_files(path):
         return [_run_from_dir(path)]
     runs: list[Run] = []
     for child in sorted(p for p in path.iterdir() if p.is_dir() and p.name != "wandb"):
@@ -81,12 +81,12 @@ def load_local(path: Path) -> list[Run]:
 
 
 def _run_from_dir(path: Path) -> Run:
-    from q8.lit.run_history import metrics_file, read_history, read_hparams
+    from q8.lit.run_history import metrics_files, read_history, read_hparams
 
     metrics_path = path / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     run = Run(path.name, str(path), read_hparams(path), dict(metrics))
-    if metrics_file(path):
+    if metrics_files(path):
         run.history = _history_frame(read_history(path))
     if not run.summary and not run.history.empty:  # final values from the CSV's last rows
         last = run.history.ffill().iloc[-1]

@@ -307,13 +307,13 @@ def plot_bits(runs: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_curves(out: Path, seeds: dict[str, list[int]], names: list[str], path: Path) -> bool:
-    """Validation accuracy by epoch, mean over seeds, from each run's csv/metrics.csv."""
+    """Validation accuracy by epoch, mean over seeds, from each run's CSV logs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from q8.lit.run_history import metrics_file, read_history
+    from q8.lit.run_history import metrics_files, read_history
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
@@ -321,7 +321,7 @@ def plot_curves(out: Path, seeds: dict[str, list[int]], names: list[str], path: 
         frames = []
         for s in seeds.get(name, []):
             directory = out / name / f"seed{s}"  # run_dir(out, config, s)
-            if metrics_file(directory):
+            if metrics_files(directory):
                 df = read_history(directory)
                 if "val/acc" in df and "epoch" in df:
                     frames.append(df.dropna(subset=["val/acc"]).groupby("epoch")["val/acc"]

@@ -65,6 +65,24 @@ def test_the_csv_log_reads_back_every_row(runs_root):
         read_history(runs_root)
 
 
+def test_a_resumed_runs_launches_read_as_one_history(tmp_path):
+    """Launch 1 logged steps 0-5 and stopped; its checkpoint was at step 4, so launch 2 logged
+    4-7 again and on (with its own hparams). The history: 0-3 from launch 1, 4-9 from launch 2."""
+    from q8.lit.run_history import metrics_files, read_history, read_hparams, values
+
+    for version, steps, value in [(0, range(6), 1.0), (1, range(4, 10), 2.0)]:
+        logs = tmp_path / "csv" / f"version_{version}"
+        logs.mkdir(parents=True)
+        rows = ["step,epoch,train/loss_step"] + [f"{s},0,{value + s}" for s in steps]
+        (logs / "metrics.csv").write_text("\n".join(rows) + "\n")
+        (logs / "hparams.yaml").write_text(f"launch: {version}\n")
+    (tmp_path / "csv" / "version_10").mkdir()  # no metrics.csv: not a launch that logged
+    assert [f.parent.name for f in metrics_files(tmp_path)] == ["version_0", "version_1"]
+    loss = values(read_history(tmp_path), "train/loss_step")
+    assert dict(loss) == {**{s: 1.0 + s for s in range(4)}, **{s: 2.0 + s for s in range(4, 10)}}
+    assert read_hparams(tmp_path) == {"launch": 1}
+
+
 def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys, load_script):
     cr = load_script("compare_runs")
     out = tmp_path / "cmp"

@@ -1,12 +1,15 @@
 """A local run's logged history, as Lightning's CSVLogger writes it beside W&B.
 
-`<run dir>/csv/metrics.csv` (conf/logger/csv.yaml; `logger=wandb` writes it too) has one row
-per logging call: a `step` column (the trainer's global step), an `epoch` column for the
+Each launch of a run writes `<run dir>/csv/version_<n>/metrics.csv` (conf/logger/csv.yaml;
+`logger=wandb` writes it too): a run resumed twice has three, and its history is theirs joined,
+each launch's rows replacing those of the launches before it from its first step on (a resumed
+launch trains again the steps after its checkpoint). Each metrics.csv has one row per logging
+call: a `step` column (the trainer's global step), an `epoch` column for the
 trainer's own logging calls, and one column per key ever logged, empty where that call did not
 log the key. Keys are flat: `train/loss_step`, `val/acc`, `quant/<layer>/grad_sqnr_db`,
 `grads/<layer>/wgrad_norm`. `hparams.yaml` beside it holds the logged hyperparameters: the
 resolved config (train.py) and `q8_stats_layers`, the measured layers in network order
-(QuantStatsCallback). W&B histograms (`hist/...`) are W&B's only.
+(QuantStatsCallback); the last launch's are the run's. W&B histograms (`hist/...`) are W&B's only.
 
     from q8.lit.run_history import read_history, read_hparams, values
     history = read_history("outputs/runs/<run>")
@@ -25,32 +28,46 @@ METRICS_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"
 
 
-def metrics_file(path: str | Path) -> Path | None:
-    """The metrics.csv of a run directory (`csv/metrics.csv`), of a CSVLogger directory, or
-    `path` itself; None where there is none."""
+def metrics_files(path: str | Path) -> list[Path]:
+    """The metrics.csv files of a run directory, oldest launch first (`csv/version_<n>/`, and
+    `csv/metrics.csv` of a log without versions), of a CSVLogger directory, or `path` itself."""
     path = Path(path)
     if path.is_file():
-        return path if path.name == METRICS_FILE else None
-    return next((p for p in (path / "csv" / METRICS_FILE, path / METRICS_FILE) if p.is_file()),
-                None)
+        return [path] if path.name == METRICS_FILE else []
+    for logs in (path / "csv", path):
+        versions = sorted((int(d.name.removeprefix("version_")), d / METRICS_FILE)
+                          for d in logs.glob("version_*")
+                          if d.name.removeprefix("version_").isdigit()
+                          and (d / METRICS_FILE).is_file())
+        files = [f for _, f in versions]
+        if (logs / METRICS_FILE).is_file():
+            files.insert(0, logs / METRICS_FILE)
+        if files:
+            return files
+    return []
 
 
 def read_history(path: str | Path) -> pd.DataFrame:
     """Every logged row of a run (see the module's docstring), in logging order; NaN where a
     row did not log a key. Raises FileNotFoundError when the run has no metrics.csv."""
-    file = metrics_file(path)
-    if file is None:
+    files = metrics_files(path)
+    if not files:
         raise FileNotFoundError(f"no {METRICS_FILE} in {path} (nor in {Path(path) / 'csv'}): "
                                 "was the run logged with logger=wandb or logger=csv?")
-    return pd.read_csv(file, float_precision="round_trip")  # floats exactly as logged
+    launches = [pd.read_csv(f, float_precision="round_trip") for f in files]  # floats as logged
+    kept = []
+    for i, rows in enumerate(launches):
+        later = [r["step"].min() for r in launches[i + 1:] if len(r)]
+        kept.append(rows[rows["step"] < min(later)] if later else rows)
+    return pd.concat(kept, ignore_index=True) if len(kept) > 1 else kept[0]
 
 
 def read_hparams(path: str | Path) -> dict[str, Any]:
-    """The hyperparameters logged beside a run's metrics.csv ({} when there are none)."""
+    """The hyperparameters logged beside a run's last metrics.csv ({} when there are none)."""
     import yaml
 
-    file = metrics_file(path)
-    hparams = file.with_name(HPARAMS_FILE) if file else None
+    files = metrics_files(path)
+    hparams = files[-1].with_name(HPARAMS_FILE) if files else None
     if hparams is None or not hparams.is_file():
         return {}
     return yaml.safe_load(hparams.read_text()) or {}
