@@ -232,12 +232,16 @@ def test_wandb_runs_offline_without_credentials(tiny_config, tmp_path: Path, mon
     assert run["config"]["model"]["name"] == "resnet18"
     assert run["config"]["quant"]["grad_bits"] is None  # the resolved fp32 preset
     assert run["summary"]["final/test/acc"] == pytest.approx(metrics["test/acc"])
+    # the per-layer scalars are in the history, not in the summary (W&B's table and printout)
+    assert not [k for k in run["summary"] if k.split("/")[0] in ("quant", "grads")]
+    assert "val/acc" in run["summary"]
     # the CSV log beside W&B: the resolved config, and every step's loss as it was logged
     assert read_hparams(run_dir)["quant"]["grad_bits"] is None
     history = read_history(run_dir)
     assert sorted(losses) == [0, 1]  # TINY: 2 training batches, one logging step each
     assert dict(values(history, "train/loss_step")) == losses
     assert values(history, "test/acc").iloc[-1] == metrics["test/acc"]
+    assert [k for k in history if k.startswith("grads/conv1/")]
 
 
 def _recording_loggers(create_loggers, losses: dict[int, float]):

@@ -14,7 +14,9 @@ what each quantization does (Banner et al. 2018):
     grads/<layer>/{wgrad,g}_{norm,mean,std,max_abs,zero_frac}
     hist/<layer>/{wgrad,g}             histograms every K steps (W&B loggers only)
 
-and, once, the config entry `q8_stats_layers`: the layer names in network order.
+and, once, the config entry `q8_stats_layers`: the layer names in network order. The per-layer
+scalars stay out of a W&B run's summary (its table and end-of-run printout keep the run's own
+metrics); their history is complete.
 
 Hooks are removed and every captured tensor dropped when the batch ends. On a logging step the
 fp32 input of each layer is kept until its backward (for the fp32 reference g_W): the memory of
@@ -141,6 +143,7 @@ class QuantStatsCallback(Callback):
         self._generator = torch.Generator().manual_seed(0)
         self._warned: set[str] = set()
         self._layers_logged = False
+        self._kept_out: set[str] = set()  # keys W&B keeps out of its summary
 
     # ---- when to measure
 
@@ -297,7 +300,23 @@ class QuantStatsCallback(Callback):
                 logger.log_hyperparams({LAYERS_KEY: layers})
         for logger in trainer.loggers:
             extra = hists if logger in _wandb_loggers(trainer) else {}
+            if extra is hists:
+                self._keep_out_of_summary(logger, list(metrics))
             logger.log_metrics({**metrics, **extra}, step=self._step)
+
+    def _keep_out_of_summary(self, logger: Any, keys: list[str]) -> None:
+        """Keep the per-layer scalars out of the W&B run's summary, so that its table and
+        end-of-run printout show the run's own metrics (W&B keeps each histogram's last value
+        there whatever define_metric says, and prints no histogram). One define_metric per
+        key: the glob that Lightning's WandbLogger defines first ("*", plotted against
+        trainer/global_step) would win over a glob such as "quant/*". A "." in a name means
+        nesting to define_metric: the layer names' dots are escaped."""
+        for key in keys:
+            if key not in self._kept_out:
+                self._kept_out.add(key)
+                name = key.replace(".", "\\.")
+                logger.experiment.define_metric(name, step_metric="trainer/global_step",
+                                                step_sync=True, summary="none")
 
     def _wandb_histograms(self) -> dict[str, Any]:
         import wandb
