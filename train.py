@@ -29,8 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from q8.config import QuantConfig
 from q8.lit import launch
 from q8.lit.errors import StoppedBySignal, UsageError
-from q8.lit.resume import check_checkpoint_matches, read_resume_checkpoint, resolve_checkpoint
-from q8.lit.validate import check_data_config, check_model_input
+from q8.lit.validate import check_backend, check_ckpt_path, check_data_config
 
 # Lightning, timm and wandb take seconds to import: they are imported once the configuration
 # is known to be valid, so that mistakes are reported at once.
@@ -87,18 +86,6 @@ def create_loggers(node: DictConfig | None) -> list[Any]:
     return loggers
 
 
-def check_backend(quant: QuantConfig) -> None:
-    """A kernel backend named explicitly must run here (`auto` always does)."""
-    from q8.kernels import BackendUnavailable, load
-
-    if quant.backend == "auto":
-        return
-    try:
-        load(quant.backend)
-    except BackendUnavailable as ex:
-        raise UsageError(f"quant.backend={quant.backend}: {ex}; use quant.backend=auto") from ex
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test the best checkpoint, write <run dir>/metrics.json; return the metrics."""
     start = time.time()
@@ -108,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quant = build_quant_config(cfg.quant)
     check_data_config(resolved["data"])  # sizes in range, before Lightning is imported
     output_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), output_dir)
+    ckpt_path = check_ckpt_path(cfg.get("ckpt_path"), output_dir)
     if cfg.get("test_weights", "best") not in ("best", "final"):
         raise UsageError(
             f"test_weights={cfg.test_weights!r} is invalid: valid choices are best, final"
@@ -123,6 +110,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from q8.lit import ClassifierModule, check_model_name, distributed
     from q8.lit.callbacks.nan_guard import NonFiniteError
+    from q8.lit.resume import check_checkpoint_matches, read_resume_checkpoint
+    from q8.lit.validate import check_model_input
 
     check_model_name(cfg.model.name)
     datamodule = instantiate(cfg.data, "data")
@@ -131,18 +120,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "num_classes": datamodule.num_classes,
         "in_chans": datamodule.in_chans,
         "small_input": cfg.model.small_input,
-        "quant": {**quant.to_dict(), "skip": list(quant.skip)},
     }
     if ckpt_path:
         ckpt_path, ckpt = read_resume_checkpoint(cfg.ckpt_path, ckpt_path, output_dir)
-        check_checkpoint_matches(ckpt_path, ckpt, model_args)
+        check_checkpoint_matches(ckpt_path, ckpt, model_args, quant)
         del ckpt
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True)
     module = ClassifierModule(
-        **{**model_args, "quant": quant},
+        **model_args,
         model_kwargs=resolved["model"]["kwargs"],
         optimizer=resolved["optimizer"],
         scheduler=resolved["scheduler"],
@@ -152,8 +140,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
     loggers = create_loggers(cfg.get("logger"))
     plugins = [instantiate(p, "trainer.plugins") for p in cfg.trainer.get("plugins") or []]
-    if cfg.get("sync_range_bn"):
-        plugins.append(distributed.RangeBNSync())  # all-reduces Range BN's chunk statistics
     trainer = instantiate(
         cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
         plugins=plugins or None,

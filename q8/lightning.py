@@ -16,6 +16,11 @@ model's: `MyModule.load_from_checkpoint(path)` works without q8, and
 Fabric, where the model is converted before anything is loaded, `fabric.save`/`fabric.load`
 keep the buffers in the model's own state.
 
+`sync_range_bn=True` makes every Range BN layer all-reduce its batch mean and chunk ranges across
+the ranks while training (q8.norm.set_range_bn_sync): Range BN of the global batch, for DDP runs
+with few images per GPU. Lightning's `sync_batchnorm=True` would replace q8's norms by
+SyncBatchNorm instead.
+
 Works with the Trainer and Fabric on one device and under DDP; not with strategies that shard
 the model (FSDP, DeepSpeed), which q8 does not support. The rounding noise comes from torch's
 default generator: seed it (`L.seed_everything`) for a reproducible run.
@@ -26,6 +31,7 @@ Imports Lightning: the rest of q8 does not need it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -33,6 +39,7 @@ from lightning.fabric.plugins.precision import Precision as FabricPrecision
 from lightning.pytorch.plugins.precision import Precision
 
 from q8.config import QuantConfig
+from q8.norm import set_range_bn_sync
 from q8.transform import quantize_model
 
 log = logging.getLogger("q8")
@@ -42,14 +49,43 @@ def _config_dict(config: QuantConfig) -> dict[str, Any]:
     return {**config.to_dict(), "skip": list(config.skip)}
 
 
-def _convert(module: torch.nn.Module, config: QuantConfig) -> torch.nn.Module:
+def _as_config(config: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
+    """A QuantConfig from itself, its dict (a Hydra config's `quant` node), or None (the
+    default, q8_bifurcated)."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    return QuantConfig.from_dict(dict(config))
+
+
+def _convert(module: torch.nn.Module, config: QuantConfig, sync_range_bn: bool = False
+             ) -> torch.nn.Module:
     """quantize_model(module, config) in place, unless it ran on this module already; the
-    state_dict keys it added are kept as `module.q8_added_state`."""
+    state_dict keys it added are kept as `module.q8_added_state`.
+
+    A converted module also loads the float state_dict of a checkpoint (Lightning loads a
+    checkpoint into the already converted model when `trainer.test(ckpt_path=...)` follows
+    `fit`): its q8 buffers are not reported missing, and the plugin's `load_state_dict` sets
+    them from the checkpoint's own entry right after."""
     if getattr(module, "q8_report", None) is None:
         before = set(module.state_dict())
         quantize_model(module, config)
         module.q8_added_state = [k for k in module.state_dict() if k not in before]
+        if module.q8_added_state:
+            module.register_load_state_dict_post_hook(_allow_missing_q8_buffers)
+        if sync_range_bn:
+            layers = set_range_bn_sync(module, enabled=True)
+            if layers == 0:
+                log.warning("q8: sync_range_bn: the model has no Range BN layer to synchronise")
+            else:
+                log.info("q8: sync_range_bn: %d Range BN layers synchronised", layers)
     return module
+
+
+def _allow_missing_q8_buffers(module: torch.nn.Module, incompatible: Any) -> None:
+    added = set(getattr(module, "q8_added_state", ()))
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in added]
 
 
 class Q8FabricPrecision(FabricPrecision):
@@ -57,11 +93,13 @@ class Q8FabricPrecision(FabricPrecision):
 
     precision = "32-true"  # the master weights, the optimizer and the loss stay fp32
 
-    def __init__(self, config: QuantConfig | None = None) -> None:
-        self.config = config if config is not None else QuantConfig()
+    def __init__(self, config: QuantConfig | Mapping[str, Any] | None = None,
+                 sync_range_bn: bool = False) -> None:
+        self.config = _as_config(config)
+        self.sync_range_bn = sync_range_bn
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _convert(module, self.config)
+        return _convert(module, self.config, self.sync_range_bn)
 
 
 class Q8Precision(Precision):
@@ -69,9 +107,11 @@ class Q8Precision(Precision):
 
     precision = "32-true"
 
-    def __init__(self, config: QuantConfig | None = None) -> None:
+    def __init__(self, config: QuantConfig | Mapping[str, Any] | None = None,
+                 sync_range_bn: bool = False) -> None:
         super().__init__()
-        self.config = config if config is not None else QuantConfig()
+        self.config = _as_config(config)
+        self.sync_range_bn = sync_range_bn
         self._module: torch.nn.Module | None = None  # the converted module
 
     @classmethod
@@ -83,7 +123,7 @@ class Q8Precision(Precision):
         return cls(QuantConfig.from_dict(dict(ckpt[cls.__qualname__]["config"])))
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._module = _convert(module, self.config)
+        self._module = _convert(module, self.config, self.sync_range_bn)
         return module
 
     def state_dict(self) -> dict[str, Any]:

@@ -88,6 +88,29 @@ def test_a_gemm_mode_trains_and_is_recorded(gemm: str, tiny_config, tmp_path: Pa
     assert 0 <= metrics["train/loss"] < float("inf")
 
 
+def test_the_app_trains_through_the_q8precision_plugin(tiny_config, tmp_path: Path) -> None:
+    """The module is a float classifier; the Trainer's Q8Precision quantizes it. Its checkpoints
+    hold the float state_dict (loadable without q8) and the plugin's config and q8 buffers; a
+    resume with another quant preset is refused."""
+    import torch
+
+    import q8
+    from q8.lit import ClassifierModule, UsageError
+
+    run_dir = tmp_path / "run"
+    metrics = train(tiny_config("quant=q8_bifurcated", "trainer.max_epochs=2", run_dir=run_dir))
+    best = Path(metrics["tested_checkpoint"])  # tested in 8 bits after fit: loaded into q8 twins
+    ckpt = torch.load(best, map_location="cpu", weights_only=False)
+    entry = ckpt["Q8Precision"]
+    assert entry["config"] == metrics["quant_config"]
+    assert "model.conv1.act_range" in entry["buffers"]
+    assert not set(entry["buffers"]) & set(ckpt["state_dict"])
+    plain = ClassifierModule.load_from_checkpoint(best)  # strict: exactly the float keys
+    assert not any(isinstance(m, (q8.QuantConv2d, q8.QuantLinear)) for m in plain.modules())
+    with pytest.raises(UsageError, match="incompatible.*quant="):
+        train(tiny_config("quant=q8_fp32_wgrad", "ckpt_path=last", run_dir=run_dir))
+
+
 def test_resume_continues_at_the_saved_step(tiny_config, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = train(tiny_config("quant=fp32", run_dir=run_dir))

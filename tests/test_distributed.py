@@ -24,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from q8.lit import distributed, launch
+from q8.lit import launch
 from tests.conftest import ROOT, TINY, TINY_DIGITS, compose_config
 
 SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -226,7 +226,9 @@ def test_ddp_trainer_configs(monkeypatch):
     ddp = compose_config(["trainer=ddp"]).trainer
     assert (ddp.accelerator, ddp.devices, ddp.num_nodes) == ("gpu", -1, 1)
     assert ddp.strategy._target_.endswith("DDPStrategy") and ddp.strategy.timeout.minutes == 5
-    assert ddp.sync_batchnorm is False and ddp.precision == "32-true"
+    assert ddp.sync_batchnorm is False and "precision" not in ddp  # Q8Precision's: 32-true
+    q8_plugin = ddp.plugins[0]
+    assert q8_plugin._target_ == "q8.lightning.Q8Precision" and q8_plugin.sync_range_bn is False
     cpu = compose_config(["trainer=ddp_cpu"]).trainer
     assert (cpu.accelerator, cpu.devices, cpu.sync_batchnorm) == ("cpu", 2, False)
     assert cpu.strategy == ddp.strategy
@@ -257,30 +259,33 @@ def test_close_log_files_off_rank_zero(tmp_path):
 # ---------------------------------------------------------------- Range BN sync plugin, RNG
 
 
-def test_range_bn_sync_plugin_sets_and_reverts_every_range_bn_layer():
-    from lightning.pytorch.plugins import LayerSync
+def test_q8precision_sync_range_bn_syncs_every_range_bn_layer_it_made(caplog):
+    import logging
 
-    from q8 import QuantConfig, quantize_model
+    from q8.lightning import Q8Precision
     from q8.norm import RangeNormMixin
 
-    model = quantize_model(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                         nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)), QuantConfig())
-    plugin = distributed.RangeBNSync()
-    assert isinstance(plugin, LayerSync)
-    layers = [m for m in model.modules() if isinstance(m, RangeNormMixin)]
-    assert len(layers) == 2 and plugin.apply(model) is model
-    assert all(m.q8_sync == "world" for m in layers)
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+
+    synced = Q8Precision(sync_range_bn=True).convert_module(model())
+    layers = [m for m in synced.modules() if isinstance(m, RangeNormMixin)]
+    assert len(layers) == 2 and all(m.q8_sync == "world" for m in layers)
     assert all(isinstance(m, nn.BatchNorm2d) for m in layers)  # not made SyncBatchNorm
-    assert plugin.revert(model) is model and all(m.q8_sync is None for m in layers)
-    assert type(pickle.loads(pickle.dumps(plugin))) is distributed.RangeBNSync  # ddp_spawn
+    plain = Q8Precision().convert_module(model())
+    assert all(m.q8_sync is None for m in plain.modules() if isinstance(m, RangeNormMixin))
+    assert type(pickle.loads(pickle.dumps(Q8Precision(sync_range_bn=True)))) is Q8Precision
 
-    fp32 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
-    with pytest.warns(UserWarning, match="no Range BN layer"):
-        plugin.apply(fp32)
+    with caplog.at_level(logging.WARNING, logger="q8"):  # nothing to sync: said, not silent
+        Q8Precision({"bn": "batchnorm"}, sync_range_bn=True).convert_module(model())
+    assert "no Range BN layer" in caplog.text
 
 
-def test_per_rank_rng_forks_one_common_state_into_one_stream_per_rank():
-    callback = distributed.PerRankRNG()
+def test_exact_resume_forks_one_common_state_into_one_stream_per_rank():
+    from q8.lit.resume import ExactResume
+
+    callback = ExactResume()
 
     def state_after_start(rank: int, world_size: int = 2) -> torch.Tensor:
         torch.manual_seed(0)  # seed_everything: the same on every rank

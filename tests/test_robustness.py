@@ -206,7 +206,7 @@ def test_resumable_sampler_keeps_torchs_order_and_random_stream() -> None:
     same one draw of the global RNG per epoch, so later random numbers are unchanged."""
     from torch.utils.data import RandomSampler
 
-    from q8.lit.data import ResumableSampler
+    from q8.lit.resume import ResumableSampler
 
     torch.manual_seed(0)
     orders = [list(RandomSampler(range(50))) for _ in range(3)]
@@ -220,7 +220,7 @@ def test_resumable_sampler_keeps_torchs_order_and_random_stream() -> None:
 def test_resumed_loader_replays_the_rest_of_the_epoch_without_drawing() -> None:
     from torch.utils.data import TensorDataset
 
-    from q8.lit.data import ResumableDataLoader, ResumableSampler
+    from q8.lit.resume import ResumableDataLoader, ResumableSampler
 
     data = TensorDataset(torch.arange(10))
     loader = ResumableDataLoader(data, batch_size=2, sampler=ResumableSampler(data))

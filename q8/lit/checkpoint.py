@@ -32,13 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from q8.lit.errors import CheckpointWriteError
-
-
-def batches_into_epoch(trainer: L.Trainer) -> int | None:
-    """Training batches of the current epoch already stepped on, if a checkpoint saved now falls
-    inside an epoch; None at an epoch's start or end, where a resume starts the next epoch."""
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return done if 0 < done < trainer.num_training_batches else None
+from q8.lit.resume import batches_into_epoch
 
 
 class _RecordingWriter:

@@ -7,9 +7,7 @@ and checks in its constructor that its files exist, so a wrong path fails before
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,18 +18,13 @@ import torch.nn.functional as F
 from torch.utils.data import (
     DataLoader,
     Dataset,
-    DistributedSampler,
-    RandomSampler,
     Subset,
     TensorDataset,
 )
 
-from q8.lit.checkpoint import batches_into_epoch
 from q8.lit.errors import DatasetNotFoundError, UsageError
+from q8.lit.resume import TrainOrder
 from q8.lit.validate import check_data_config
-
-# Lightning's warning on a mid-epoch resume, false for these data modules (see state_dict)
-_NOT_RESUMABLE_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 def _split_indices(
@@ -47,78 +40,6 @@ def _split_indices(
         rest, test_size=val_frac / (1 - test_frac), stratify=labels[rest], random_state=seed
     )
     return train, val, test
-
-
-class ResumableSampler(RandomSampler):
-    """torch's RandomSampler (the same order from the same one draw of torch's global RNG per
-    epoch) that can replay an interrupted epoch from its `start`-th sample: a mid-epoch resume."""
-
-    def __init__(self, data_source: Dataset) -> None:
-        super().__init__(data_source)
-        self.epoch_seed: int | None = None  # the seed of the epoch being iterated
-        self._resume: tuple[int, int] | None = None
-
-    def resume(self, epoch_seed: int, start: int) -> None:
-        """Make the next iteration that epoch's permutation, without its first `start` samples."""
-        self._resume = (epoch_seed, start)
-
-    def __iter__(self) -> Iterator[int]:
-        if self._resume is None:  # as RandomSampler: a seed from the global RNG at the 1st next()
-            seed, start = int(torch.empty((), dtype=torch.int64).random_().item()), 0
-        else:
-            (seed, start), self._resume = self._resume, None
-        self.epoch_seed = seed
-        generator = torch.Generator()
-        generator.manual_seed(seed)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()[start:]
-
-
-class ResumableDistributedSampler(DistributedSampler):
-    """torch's DistributedSampler, shuffled as Lightning builds it under DDP (seed
-    PL_GLOBAL_SEED + epoch, one shard per rank), that can replay an interrupted epoch from its
-    `start`-th sample of this rank's shard. Every rank steps through the same number of batches,
-    so one count, rank 0's, serves them all."""
-
-    def __init__(self, data_source: Dataset, num_replicas: int, rank: int) -> None:
-        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True,
-                         seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
-        self.epoch_seed: int | None = None
-        self._resume: tuple[int, int] | None = None
-
-    def resume(self, epoch_seed: int, start: int) -> None:
-        """Make the next iteration, that of the epoch shuffled with `epoch_seed` (Lightning sets
-        the epoch before it), skip the first `start` samples of this rank's shard."""
-        self._resume = (epoch_seed, start)
-
-    def __iter__(self) -> Iterator[int]:
-        self.epoch_seed, start = self.seed + self.epoch, 0
-        if self._resume is not None:
-            (seed, start), self._resume = self._resume, None
-            if seed != self.epoch_seed:
-                raise UsageError(
-                    f"the checkpoint's epoch was shuffled with seed {seed}, this run shuffles "
-                    f"epoch {self.epoch} with {self.epoch_seed}: resume with the seed it was "
-                    "trained with")
-        yield from list(super().__iter__())[start:]
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that can start its next iteration without drawing from the global RNG."""
-
-    keep_rng = False  # set for the iteration that resumes an interrupted epoch
-
-    def __iter__(self) -> Iterator:
-        if not self.keep_rng:
-            return super().__iter__()
-        self.keep_rng = False
-        # The interrupted run drew this epoch's worker base seed from the global RNG before its
-        # checkpoint; drawing it again would shift every later random number (augmentation,
-        # stochastic rounding) by one draw.
-        rng = torch.get_rng_state()
-        try:
-            return super().__iter__()
-        finally:
-            torch.set_rng_state(rng)
 
 
 class _ClassificationDataModule(L.LightningDataModule):
@@ -138,56 +59,29 @@ class _ClassificationDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self._train_loader: ResumableDataLoader | None = None
-        self._resume: dict[str, int] | None = None
+        self._train_order = TrainOrder()  # shuffled, and resumable mid-epoch
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         assert dataset is not None, "setup() was not called"
-        sampler = None
-        if train:
-            trainer = self.trainer
-            world = trainer.world_size if trainer is not None else 1
-            sampler = (ResumableDistributedSampler(dataset, world, trainer.global_rank)
-                       if world > 1 else ResumableSampler(dataset))
-        loader = ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
+        kwargs = {
+            "batch_size": self.batch_size if train else self.eval_batch_size,
             # BatchNorm (and Range BN) cannot normalise a final batch of one sample
-            drop_last=train and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+            "drop_last": train and len(dataset) > self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
         if train:
-            if self._resume is not None:
-                sampler.resume(self._resume["epoch_seed"], self._resume["samples_done"])
-                loader.keep_rng = True
-                self._resume = None
-            self._train_loader = loader
-        return loader
+            return self._train_order.loader(dataset, self.trainer, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where a checkpoint leaves the current training epoch: its shuffling seed and the
-        samples already trained on; empty at an epoch's end (the next epoch starts afresh).
-
-        Lightning resumes mid-epoch with a fresh permutation otherwise, so a resumed run would
-        train on other batches than the interrupted one.
-        """
-        trainer, loader = self.trainer, self._train_loader
-        resumable = (ResumableSampler, ResumableDistributedSampler)
-        if trainer is None or loader is None or not isinstance(loader.sampler, resumable):
-            return {}
-        done = batches_into_epoch(trainer)
-        if done is None or loader.sampler.epoch_seed is None:  # None: not iterated yet
-            return {}
-        return {"epoch_seed": loader.sampler.epoch_seed, "samples_done": done * loader.batch_size}
+        """Where a checkpoint leaves the training epoch (q8.lit.resume.TrainOrder): Lightning
+        would otherwise resume mid-epoch with a fresh permutation, on other batches."""
+        return self._train_order.state_dict(self.trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replay the interrupted epoch from where the checkpoint left it (see `state_dict`)."""
-        if state and self.trainer is not None and self.trainer.state.fn == "fit":
-            self._resume = {k: int(state[k]) for k in ("epoch_seed", "samples_done")}
-            warnings.filterwarnings("ignore", message=_NOT_RESUMABLE_WARNING)
+        self._train_order.load_state_dict(self.trainer, state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -2,6 +2,9 @@
 in the first step: each raises a UsageError naming the key, its value and the valid range.
 
 - `check_data_config(cfg.data)`: sizes in the data config; needs no import of Lightning or torch.
+- `check_ckpt_path(cfg.ckpt_path, run dir)`: the checkpoint to resume from exists (q8.lit.resume
+  reads and checks it once Lightning is imported).
+- `check_backend(quant)`: a kernel backend named explicitly runs on this machine.
 - `check_model_input(model, datamodule)`: one eval-mode forward of a single blank image, before
   any data is loaded: the model accepts the data's image size and channels, and no BatchNorm
   layer would see a single value per channel in training.
@@ -11,13 +14,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from q8.config import QuantConfig
 from q8.lit.errors import UsageError
 
 # data.<key>: the smallest valid value
 _DATA_MINIMA = {"batch_size": 1, "eval_batch_size": 1, "image_size": 1, "num_workers": 0,
                 "num_samples": 1, "in_chans": 1, "num_classes": 1}  # the last three: synthetic
+
+
+def check_ckpt_path(path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint file to resume from: `last` means <run dir>/checkpoints/last.ckpt; a
+    missing file is an error now, not after the slow imports."""
+    if path is None:
+        return None
+    resolved = output_dir / "checkpoints" / "last.ckpt" if path == "last" else Path(path)
+    if not resolved.is_file():
+        hint = (
+            "resume in the old run directory with hydra.run.dir=<that run dir>"
+            if path == "last"
+            else "pass the path of a .ckpt file"
+        )
+        raise UsageError(f"ckpt_path={path}: {resolved} does not exist; {hint}")
+    return str(resolved)
+
+
+def check_backend(quant: QuantConfig) -> None:
+    """A kernel backend named explicitly must run here (`auto` always does)."""
+    from q8.kernels import BackendUnavailable, load
+
+    if quant.backend == "auto":
+        return
+    try:
+        load(quant.backend)
+    except BackendUnavailable as ex:
+        raise UsageError(f"quant.backend={quant.backend}: {ex}; use quant.backend=auto") from ex
 
 
 def check_data_config(data: Mapping[str, Any]) -> None:
