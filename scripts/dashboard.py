@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from q8.lit.wandb_mode import wandb_has_credentials
+        from q8.lit.loggers import wandb_has_credentials
 
         if not wandb_has_credentials():
             print("no W&B credentials (WANDB_API_KEY or `wandb login`): nothing created")

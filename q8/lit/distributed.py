@@ -1,4 +1,5 @@
-"""Distributed training with Lightning: the ranks a signal or a lost rank stops. Launch
+"""Distributed training with Lightning: the ranks a signal or a lost rank stops, and the exit
+codes of a fit that stops. Launch
 environments and the shared run directory are in q8.lit.launch; Range BN's synchronisation
 across ranks is Q8Precision's `sync_range_bn`; each rank's own rounding noise is
 q8.lit.resume.ExactResume's.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from q8.lit.callbacks.nan_guard import NonFiniteError
 from q8.lit.errors import StoppedBySignal
 
 
@@ -28,6 +33,31 @@ def stop_started_ranks_on_signal(trainer: L.Trainer) -> Iterator[None]:
         if launcher is not None and getattr(launcher, "procs", None):
             launcher.kill(ex.signum)
         raise
+
+
+@contextlib.contextmanager
+def exit_when_fit_stops(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
+    """The ways a fit is stopped, as exit codes with one line each, no traceback:
+
+    - a signal (Lightning's SIGTERMException; ResumableCheckpoint saved last.ckpt): 143,
+      128 + SIGTERM as a shell reports a kill, and the command that resumes;
+    - NanGuard's NonFiniteError: 1;
+    - a rank that died or stopped answering (see lost_rank_message): 1, the others killed.
+    """
+    try:
+        yield
+    except SIGTERMException:
+        print(f"stopped by a signal; resume with ckpt_path=last hydra.run.dir={run_dir}")
+        sys.exit(143)
+    except NonFiniteError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as ex:
+        message = lost_rank_message(trainer, ex)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def lost_rank_message(trainer: L.Trainer, ex: BaseException) -> str | None:

@@ -51,6 +51,15 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return ckpt
 
 
+def resume_from(requested: str, path: str, output_dir: Path, expected: dict[str, Any],
+                quant: QuantConfig) -> str:
+    """The checkpoint fit resumes from (read_resume_checkpoint), once it is known to be this
+    run's model and quant preset (check_checkpoint_matches)."""
+    path, ckpt = read_resume_checkpoint(requested, path, output_dir)
+    check_checkpoint_matches(path, ckpt, expected, quant)
+    return path
+
+
 def read_resume_checkpoint(requested: str, path: str, output_dir: Path) -> tuple[str, dict]:
     """The checkpoint to resume from: `path`, or for ckpt_path=last an unreadable last.ckpt's
     newest readable sibling (the run's other checkpoints and SLURM's hpc_ckpt_*.ckpt, newest

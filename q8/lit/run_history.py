@@ -1,4 +1,6 @@
-"""A local run's logged history, as Lightning's CSVLogger writes it beside W&B.
+"""What a local run leaves: `metrics.json`, its final metrics (written by train.py with
+`final_metrics` and `write_metrics`), and its logged history, as Lightning's CSVLogger writes it
+beside W&B.
 
 Each launch of a run writes `<run dir>/csv/version_<n>/metrics.csv` (conf/logger/csv.yaml;
 `logger=wandb` writes it too): a run resumed twice has three, and its history is theirs joined,
@@ -19,6 +21,8 @@ resolved config (train.py) and `q8_stats_layers`, the measured layers in network
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,36 @@ import pandas as pd
 
 METRICS_FILE = "metrics.csv"
 HPARAMS_FILE = "hparams.yaml"
+RESULT_FILE = "metrics.json"
+
+
+def final_metrics(trainer: Any, fit: Mapping[str, float], test: Mapping[str, float],
+                  **about: Any) -> dict[str, Any]:
+    """metrics.json's contents: the last train and val metrics of fit (`fit`, the trainer's
+    callback_metrics after fit), the best val accuracy, the test metrics, where training
+    stopped, then `about` (the run's quant, model, data, seed, ...). Accuracies are fractions."""
+    def last(name: str) -> float | None:
+        value = fit.get(f"{name}_epoch", fit.get(name))
+        return None if value is None else float(value)
+
+    best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+    return {
+        **{key: last(key) for key in ("train/loss", "train/acc", "val/loss", "val/acc")},
+        "val/acc_best": None if best is None else float(best),
+        **{key: (float(test[key]) if key in test else None) for key in ("test/loss", "test/acc")},
+        "accuracy_unit": "fraction",
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        **about,
+    }
+
+
+def write_metrics(run_dir: Path, metrics: Mapping[str, Any]) -> Path:
+    """Write `<run_dir>/metrics.json` and return its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RESULT_FILE
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
 
 
 def metrics_files(path: str | Path) -> list[Path]:

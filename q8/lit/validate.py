@@ -25,6 +25,18 @@ _DATA_MINIMA = {"batch_size": 1, "eval_batch_size": 1, "image_size": 1, "num_wor
                 "num_samples": 1, "in_chans": 1, "num_classes": 1}  # the last three: synthetic
 
 
+def check_run_config(cfg: Mapping[str, Any], quant: QuantConfig, output_dir: Path) -> str | None:
+    """What can be checked before Lightning is imported, the data loaded or the model built:
+    the data sizes, `test_weights`, the kernel backend and the checkpoint to resume from, which
+    it returns (a path, or None). `cfg` is the resolved configuration."""
+    check_data_config(cfg["data"])
+    if cfg.get("test_weights", "best") not in ("best", "final"):
+        raise UsageError(
+            f"test_weights={cfg['test_weights']!r} is invalid: valid choices are best, final")
+    check_backend(quant)
+    return check_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+
 def check_ckpt_path(path: str | None, output_dir: Path) -> str | None:
     """The checkpoint file to resume from: `last` means <run dir>/checkpoints/last.ckpt; a
     missing file is an error now, not after the slow imports."""
