@@ -20,7 +20,9 @@ or per-channel weights inside the data path's sum) runs `dequantized`.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +167,32 @@ def _like(t: Tensor | None, shape: torch.Size, like: Tensor) -> Tensor:
 # ---- the products ---------------------------------------------------------------------------
 
 
+def _as_on_a_gpu(product: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """On a CPU, a product of bf16 codes runs in fp32 on the same integers and rounds to bf16:
+    what a GPU's bf16 GEMM computes (fp32 accumulation, a bf16 output), on every CPU alike.
+    PyTorch's CPU bf16 convolutions (oneDNN) do not: on AVX2-only CPUs the input gradient
+    sums a kernel's taps in bf16, and with padding the weight gradient is partly left
+    uninitialised (torch 2.14)."""
+
+    @functools.wraps(product)
+    def run(*args: Any) -> Tensor:
+        first = args[0]
+        if first.dtype != CODE_DTYPE or first.device.type != "cpu":
+            return product(*args)
+        widened = [a.float() if isinstance(a, Tensor) else a for a in args]
+        return product(*widened).to(CODE_DTYPE)
+
+    return run
+
+
+@_as_on_a_gpu
 def _apply(x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry | None) -> Tensor:
     if geometry is None:
         return F.linear(x, w, bias)
     return F.conv2d(x, w, bias, *geometry)
 
 
+@_as_on_a_gpu
 def _input_product(g: Tensor, w: Tensor, x_like: Tensor | None, x_shape: torch.Size,
                    geometry: Geometry | None) -> Tensor:
     if geometry is None:  # linear over any leading dims: (..., out) -> (..., in)
@@ -180,16 +202,11 @@ def _input_product(g: Tensor, w: Tensor, x_like: Tensor | None, x_shape: torch.S
         geometry.dilation, False, [0, 0], geometry.groups, [True, False, False])[0]
 
 
+@_as_on_a_gpu
 def _weight_product(g: Tensor, x: Tensor, w_like: Tensor | None, w_shape: torch.Size,
                     geometry: Geometry | None) -> Tensor:
     if geometry is None:
         return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
-    if g.dtype == CODE_DTYPE and g.device.type == "cpu":
-        # PyTorch's CPU convolution (oneDNN) leaves parts of a bf16 weight gradient
-        # uninitialised (torch 2.14, seen with padding); its fp32 one on the same integers,
-        # rounded to bf16, is what a GPU's bf16 convolution computes (fp32 accumulation)
-        w_like = None if w_like is None else w_like.float()
-        return _weight_product(g.float(), x.float(), w_like, w_shape, geometry).to(CODE_DTYPE)
     return torch.ops.aten.convolution_backward(
         g, x, _like(w_like, w_shape, x), None, geometry.stride, geometry.padding,
         geometry.dilation, False, [0, 0], geometry.groups, [False, True, False])[1]
