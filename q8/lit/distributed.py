@@ -21,18 +21,33 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from q8.lit.callbacks.nan_guard import NonFiniteError
 from q8.lit.errors import StoppedBySignal
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills a job
+
 
 @contextlib.contextmanager
 def stop_started_ranks_on_signal(trainer: L.Trainer) -> Iterator[None]:
-    """On StoppedBySignal, forward the signal to the ranks this process started (Lightning's
-    launcher), which would otherwise wait for it in their next collective."""
+    """While it runs, SIGTERM or SIGUSR1 reaches the ranks this process started (Lightning's
+    launcher) at once, then raises StoppedBySignal here (inside fit, ResumableCheckpoint's
+    handler takes over and saves instead). At once, not once StoppedBySignal has unwound:
+    unwinding tears down the process group, and a rank still joining it would report the lost
+    connection instead of the signal."""
+
+    def forward_and_raise(signum: int, frame: object) -> None:
+        launcher = getattr(trainer.strategy, "launcher", None)
+        # Lightning's SIGTERM handler, which calls this one after its own, forwards it too
+        forwarded = signum == signal.SIGTERM and trainer.received_sigterm
+        if getattr(launcher, "procs", None) and not forwarded:
+            launcher.kill(signum)
+        raise StoppedBySignal(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, forward_and_raise)
     try:
         yield
-    except StoppedBySignal as ex:
-        launcher = getattr(trainer.strategy, "launcher", None)
-        if launcher is not None and getattr(launcher, "procs", None):
-            launcher.kill(ex.signum)
-        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
