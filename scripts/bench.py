@@ -9,7 +9,8 @@ the same model and input.
 Per preset: median step time (forward, backward, SGD step), its ratio to fp32 (and to bf16
 autocast, `bf16_amp`, with channels_last: what GPU users run), images/s,
 bytes autograd saves for backward (each storage once; parameters, alive anyway, not counted)
-and its ratio to fp32, and peak memory (CUDA peak allocated, or peak RSS growth on the CPU).
+and its ratio to fp32, and peak memory of a step (CUDA's peak allocated, or on a CPU the peak of
+live tensors: PeakLiveTensors).
 Steps of all presets are interleaved, and the time ratio is the median over steps of each
 step's time over the fp32 step just before it (with the interquartile range of those ratios):
 on a shared or virtual machine whose speed drifts by 10-20% within a minute, the pairs cancel
@@ -21,16 +22,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -82,32 +84,41 @@ def saved_bytes(model: nn.Module, loss_fn) -> int:  # noqa: ANN001
     return sum(seen.values())
 
 
-class PeakRSS:
-    """Peak resident memory growth over a block, sampled every millisecond (CPU)."""
+class PeakLiveTensors(TorchDispatchMode):
+    """The peak bytes held by tensors that ops create inside the block (each storage once,
+    counted from the op that allocates it until it is freed): on a CPU, what
+    torch.cuda.max_memory_allocated minus the allocation at the start is on a GPU. An op's
+    output that shares an input's storage (a view, an in-place op) allocates nothing. Buffers an
+    op allocates and frees inside itself (a convolution's workspace) are not seen."""
 
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+    def __init__(self, breakdown: bool = False) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int, str]] = {}
+        self.bytes = self.peak = 0
+        self.breakdown = breakdown
+        self.at_peak: dict[str, int] = {}  # with breakdown: bytes live at the peak, per creator
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss())
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, *_) in self.live.items() if ref.expired()]:
+            self.bytes -= self.live.pop(key)[1]
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in inputs and key not in self.live:
+                    creator = f"{func.overloadpacket.__name__} -> {t.dtype}".replace("torch.", "")
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes(), creator)
+                    self.bytes += storage.nbytes()
+        if self.bytes > self.peak:
+            self.peak = self.bytes
+            if self.breakdown:
+                self.at_peak = {}
+                for _, nbytes, creator in self.live.values():
+                    self.at_peak[creator] = self.at_peak.get(creator, 0) + nbytes
+        return out
 
 
 def paired_ratio(times: list[float], base: list[float]) -> tuple[float, list[float]]:
@@ -188,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     for n in names:  # memory first, one preset at a time, before the timing warms caches
         r = results[n]
         r["saved_bytes"] = saved_bytes(models[n], lambda n=n: loss_of(n))
+        step(n)  # the optimizer's state exists from the first step on
+        opts[n].zero_grad(set_to_none=True)  # the step allocates its gradients anew
         if on_cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -195,9 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
             step(n)
             r["peak_bytes"] = torch.cuda.max_memory_allocated() - base
         else:
-            with PeakRSS() as rss:
+            with PeakLiveTensors() as live:
                 step(n)
-            r["peak_bytes"] = rss.growth
+            r["peak_bytes"] = live.peak
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.warmup + args.steps):
         for n in names:  # interleaved

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_paired_ratio_is_the_median_of_side_by_side_ratios(load_script) -> None:
@@ -53,3 +54,32 @@ def test_the_curve_verdict_is_twice_the_seed_spread(load_script) -> None:
     far = {"dequantized": base, "codes": {0: [5.0, 5.0], 1: [5.0, 5.0]}}  # 3 from the mean
     assert curves.verdicts(near, 2)["codes"]["agrees"]
     assert not curves.verdicts(far, 2)["codes"]["agrees"]
+
+
+def test_peak_live_tensors_counts_each_new_storage_while_it_lives(load_script) -> None:
+    bench = load_script("bench")
+    x = torch.zeros(1024)  # made outside the block: not counted
+    with bench.PeakLiveTensors(breakdown=True) as live:
+        a = torch.ones(256)  # 1 KiB
+        a.add_(1)  # in place: nothing new
+        a.view(16, 16).sum(), x[:10].neg_()  # views (and a 4-byte sum): nothing new
+        b = x * 2  # 4 KiB: peak 5 KiB (the sum's 4 bytes were freed at once)
+        at_peak = dict(live.at_peak)
+        del a, b
+        c = torch.ones(512, dtype=torch.float64)  # 4 KiB after both were freed
+    assert live.peak == 256 * 4 + 1024 * 4 and live.bytes == 512 * 8
+    assert at_peak == {"ones -> float32": 1024, "mul -> float32": 4096}
+    del c
+
+
+def test_peak_live_tensors_sees_autograd_temporaries(load_script) -> None:
+    """A backward's peak includes the gradients it makes and frees, beyond what forward saved."""
+    bench = load_script("bench")
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+    with bench.PeakLiveTensors() as live:
+        (x @ w).relu().sum().backward()
+    # forward: x@w, 8 KiB, freed once relu has made its saved 8 KiB output. Backward: the loss
+    # and its seed gradient (4 bytes each), relu's 8 KiB input gradient (its saved output is
+    # released once its node has run), then w.grad = x^T g, 16 KiB, while that gradient lives
+    assert live.peak == 4 + 4 + 8192 + 16384
