@@ -91,14 +91,22 @@ class BifurcatedLayerFn(torch.autograd.Function):
         need_b = need_b and ctx.has_bias
         grads = (gy, spec.grad.bits, spec.grad.wbits, spec.grad.seed(), need_x, need_w or need_b)
         if spec.gemm == "dequantized":
-            x_op = Operand(k.restore(saved_x))
             w_op = Operand(k.requantize_weight(weight, spec.weight_bits, w_qp))
             g_data, g_w = (None if g is None else Operand(g) for g in k.grad_pair(*grads))
+            x_op = Operand(k.restore(saved_x)) if need_w else None
         else:
-            x_op, w_op = k.restore_codes(saved_x), k.weight_codes(weight, spec.weight_bits, w_qp)
+            w_op = k.weight_codes(weight, spec.weight_bits, w_qp)
             g_data, g_w = k.grad_pair_codes(*grads)
-        gx, gw, gb = gemm.backward(g_data if need_x else None, g_w, x_op if need_w else None,
-                                   w_op, *ctx.shapes, spec.geometry, spec.gemm, need_b)
+            x_op = k.restore_codes(saved_x) if need_w else None
+        # dL/dW first, so that x_hat, the largest tensor of this backward, and the weight copy
+        # of g_l are freed before dL/dx is made: they set the peak memory of a step
+        gw = gb = gx = None
+        if need_w or need_b:
+            gw, gb = gemm.weight_grads(g_w, x_op, w_op, *ctx.shapes, spec.geometry, spec.gemm,
+                                       need_b)
+        del x_op, g_w
+        if need_x:
+            gx = gemm.input_grad(g_data, w_op, ctx.shapes[0], spec.geometry, spec.gemm)
         return gx, gw, gb, None, None, None, None
 
 

@@ -79,81 +79,58 @@ def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | No
     return y if bias is None else y + _per_channel(bias, geometry)
 
 
-def backward(g_data: Operand | None, g_w: Operand | None, x: Operand | None,
-             w: Operand | None, x_shape: torch.Size, w_shape: torch.Size,
-             geometry: Geometry | None, mode: str, need_bias: bool
-             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dL/dx, dL/dW, dL/db); dL/dx needs g_data and w, dL/dW needs g_w and x (None: not
-    needed), dL/db needs g_w."""
-    if mode == "dequantized" and geometry is not None:  # PyTorch's convolution backward
-        return _conv_backward(g_data, g_w, x, w, x_shape, w_shape, geometry, need_bias)
-    gx = None if g_data is None else _grad_input(g_data, w, x, x_shape, geometry, mode)
-    gw = None if g_w is None or x is None else _grad_weight(g_w, x, w, w_shape, geometry, mode)
+def weight_grads(g: Operand, x: Operand | None, w: Operand, x_shape: torch.Size,
+                 w_shape: torch.Size, geometry: Geometry | None, mode: str, need_bias: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dW, dL/db) from the weight path's copy g of g_l; dL/dW None where x is None (not
+    needed). w is read for its shape alone."""
+    if mode == "dequantized" and geometry is not None:  # one convolution backward call
+        g_hat, x_hat = g.dequantized(), None if x is None else x.dequantized()
+        args = ([w_shape[0]] if need_bias else None, geometry.stride, geometry.padding,
+                geometry.dilation, False, [0, 0], geometry.groups)
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            g_hat, _like(x_hat, x_shape, g_hat), _like(w.values, w_shape, g_hat), *args,
+            [False, x is not None, need_bias])
+        return gw, gb
+    gw = None if x is None else _grad_weight(g, x, w, w_shape, geometry, mode)
     gb = None
     if need_bias:
-        values = g_w.dequantized()
+        values = g.dequantized()
         gb = values.reshape(-1, values.shape[-1]).sum(0) if geometry is None else values.sum(
             (0, 2, 3))
-    return gx, gw, gb
+    return gw, gb
 
 
-def _grad_input(g: Operand, w: Operand, x: Operand | None, x_shape: torch.Size,
-                geometry: Geometry | None, mode: str) -> Tensor:
-    """dL/dx = g W (linear) or conv's input gradient. Per-channel weight scales vary along the
-    summed output channels: that GEMM runs dequantized."""
+def input_grad(g: Operand, w: Operand, x_shape: torch.Size, geometry: Geometry | None,
+               mode: str) -> Tensor:
+    """dL/dx = g W (linear) or conv's input gradient, from the data path's copy g of g_l.
+    Per-channel weight scales vary along the summed output channels: that GEMM runs
+    dequantized."""
     codes = mode != "dequantized" and g.narrow() and w.narrow() and w.scale.numel() == 1
     if not codes:
-        x_like = None if x is None else x.dequantized()
-        return _input_product(g.dequantized(), w.dequantized(), x_like, x_shape, geometry)
+        return _input_product(g.dequantized(), w.dequantized(), x_shape, geometry)
     scale = g.scale * w.scale
     if mode == "int8" and _is_matmul(geometry, w.values.shape):
         g2, restore = _rows(g.values, geometry)
         w2 = w.values.reshape(w.values.shape[0], -1)
         if _int_mm_fits(g2.shape[0], g2.shape[1], w2.shape[1]):
             return restore(_int8_product(g2, g.zero_point, w2.t(), w.zero_point) * scale)
-    x_like = None if x is None else x.values
-    return _input_product(g.values, w.values, x_like, x_shape, geometry).float() * scale
+    return _input_product(g.values, w.values, x_shape, geometry).float() * scale
 
 
-def _grad_weight(g: Operand, x: Operand, w: Operand | None, w_shape: torch.Size,
+def _grad_weight(g: Operand, x: Operand, w: Operand, w_shape: torch.Size,
                  geometry: Geometry | None, mode: str) -> Tensor:
     """dL/dW = g^T x (linear) or conv's weight gradient; a 16-bit g in two exact bytes."""
     if mode == "dequantized" or not (x.narrow() and g.is_codes):
-        w_like = None if w is None else w.dequantized()
-        return _weight_product(g.dequantized(), x.dequantized(), w_like, w_shape, geometry)
+        return _weight_product(g.dequantized(), x.dequantized(), w.values, w_shape, geometry)
     scale = g.scale * x.scale
-    w_like = None if w is None else w.values
     if g.narrow():
-        return _weight_product(g.values, x.values, w_like, w_shape, geometry).float() * scale
+        return _weight_product(g.values, x.values, w.values, w_shape, geometry).float() * scale
     hi = torch.floor(g.values / 256)  # g = 256 hi + lo: hi in [-256, 255], lo in [0, 255]
     lo = g.values - 256 * hi
-    high = _weight_product(hi.to(CODE_DTYPE), x.values, w_like, w_shape, geometry).float()
-    low = _weight_product(lo.to(CODE_DTYPE), x.values, w_like, w_shape, geometry).float()
+    high = _weight_product(hi.to(CODE_DTYPE), x.values, w.values, w_shape, geometry).float()
+    low = _weight_product(lo.to(CODE_DTYPE), x.values, w.values, w_shape, geometry).float()
     return (high * 256 + low) * scale
-
-
-def _conv_backward(g_data: Operand | None, g_w: Operand | None, x: Operand | None,
-                   w: Operand | None, x_shape: torch.Size, w_shape: torch.Size,
-                   geometry: Geometry, need_bias: bool) -> tuple:
-    """The dequantized mode's convolution backward: one call when both paths share g_l."""
-    g_d = None if g_data is None else g_data.dequantized()
-    g_g = None if g_w is None else g_w.dequantized()
-    x_hat = x.dequantized() if x is not None else None
-    w_hat = w.dequantized() if w is not None else None
-    args = ([w_shape[0]] if need_bias else None, geometry.stride, geometry.padding,
-            geometry.dilation, False, [0, 0], geometry.groups)
-    conv_bwd = torch.ops.aten.convolution_backward
-    need_x, need_w = g_d is not None, x_hat is not None
-    if g_d is not None and g_d is g_g:  # no bifurcation: one call computes both
-        return conv_bwd(g_d, _like(x_hat, x_shape, g_d), _like(w_hat, w_shape, g_d), *args,
-                        [need_x, need_w, need_bias])
-    gx = gw = gb = None
-    if need_x:
-        gx = conv_bwd(g_d, _like(x_hat, x_shape, g_d), w_hat, *args, [True, False, False])[0]
-    if need_w or need_bias:
-        _, gw, gb = conv_bwd(g_g, _like(x_hat, x_shape, g_g), _like(w_hat, w_shape, g_g), *args,
-                             [False, need_w, need_bias])
-    return gx, gw, gb
 
 
 def _like(t: Tensor | None, shape: torch.Size, like: Tensor) -> Tensor:
@@ -193,17 +170,17 @@ def _apply(x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry | None)
 
 
 @_as_on_a_gpu
-def _input_product(g: Tensor, w: Tensor, x_like: Tensor | None, x_shape: torch.Size,
-                   geometry: Geometry | None) -> Tensor:
+def _input_product(g: Tensor, w: Tensor, x_shape: torch.Size, geometry: Geometry | None
+                   ) -> Tensor:
     if geometry is None:  # linear over any leading dims: (..., out) -> (..., in)
         return g @ w
     return torch.ops.aten.convolution_backward(
-        g, _like(x_like, x_shape, g), w, None, geometry.stride, geometry.padding,
+        g, _like(None, x_shape, g), w, None, geometry.stride, geometry.padding,
         geometry.dilation, False, [0, 0], geometry.groups, [True, False, False])[0]
 
 
 @_as_on_a_gpu
-def _weight_product(g: Tensor, x: Tensor, w_like: Tensor | None, w_shape: torch.Size,
+def _weight_product(g: Tensor, x: Tensor, w_like: Tensor, w_shape: torch.Size,
                     geometry: Geometry | None) -> Tensor:
     if geometry is None:
         return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
