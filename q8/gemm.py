@@ -7,9 +7,10 @@
 - `dequantized`: fp32 GEMMs on the dequantized values x_hat = (q - z) s.
 - `codes`: GEMMs on the centred codes q - z, integers in [-255, 255] that bf16 holds exactly,
   accumulated in fp32 and scaled afterwards by s_a s_b: the paper's 8-bit GEMM at bf16's rate.
-  A 16-bit copy of g_l (up to 65535 in magnitude) is split into two bytes, g = 256 hi + lo,
-  for two exact GEMMs. The result differs from `dequantized` by fp32 accumulation and the
-  rounding of the bf16 output (2^-8 of each output at most).
+  The 16-bit copy of g_l (up to 65535 in magnitude) comes from its quantizer as two bytes,
+  g = 256 hi + lo with hi in [-256, 255] and lo in [0, 255], for two exact GEMMs. The result
+  differs from `dequantized` by fp32 accumulation and the rounding of the bf16 output (2^-8 of
+  each output at most).
 - `int8`: torch._int_mm (int8 x int8 -> int32, exact) for the forward and the data path where the
   GEMM is a plain matrix product (linear layers; 1x1, stride-1 convolutions), with zero-point
   corrections from row and column sums; `codes` elsewhere.
@@ -34,11 +35,13 @@ CODE_DTYPE = torch.bfloat16  # exact for the integers of codes of up to 8 bits, 
 
 class Operand(NamedTuple):
     """One side of a GEMM: centred codes q - z with their scale and zero point (values =
-    (q - z) * scale), or plain values (scale None)."""
+    (q - z) * scale), or plain values (scale None). Codes of more than 8 bits may come as two
+    bytes, q - z = 256 hi + lo with hi = `values` and lo = `low`, both bf16 (exact)."""
 
     values: Tensor
     scale: Tensor | None = None
     zero_point: Tensor | None = None
+    low: Tensor | None = None
 
     @property
     def is_codes(self) -> bool:
@@ -46,11 +49,15 @@ class Operand(NamedTuple):
 
     def dequantized(self) -> Tensor:
         """x_hat = (q - z) s: the same floats the dequantized mode computes."""
-        return self.values if self.scale is None else self.values.float() * self.scale
+        if self.scale is None:
+            return self.values
+        if self.low is None:
+            return self.values.float() * self.scale
+        return (self.values.float() * 256 + self.low.float()) * self.scale
 
     def narrow(self) -> bool:
-        """Codes that bf16 holds exactly (at most 8 bits)."""
-        return self.is_codes and self.values.dtype == CODE_DTYPE
+        """Codes that bf16 holds exactly in one tensor (at most 8 bits)."""
+        return self.is_codes and self.values.dtype == CODE_DTYPE and self.low is None
 
 
 class Geometry(NamedTuple):
@@ -74,9 +81,9 @@ def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | No
             y = restore(_int8_product(x2, x.zero_point, w.values.reshape(w.values.shape[0], -1),
                                       w.zero_point.reshape(-1)) * scale)
             return y if bias is None else y + _per_channel(bias, geometry)
-    y = _apply(x.values, w.values, None, geometry).float()
-    y = y * (scale if geometry is None else scale.view(1, -1, 1, 1))
-    return y if bias is None else y + _per_channel(bias, geometry)
+    y = _apply(x.values, w.values, None, geometry).float()  # a new tensor: scaled in place
+    y.mul_(scale if geometry is None else scale.view(1, -1, 1, 1))
+    return y if bias is None else y.add_(_per_channel(bias, geometry))
 
 
 def weight_grads(g: Operand, x: Operand | None, w: Operand, x_shape: torch.Size,
@@ -115,22 +122,21 @@ def input_grad(g: Operand, w: Operand, x_shape: torch.Size, geometry: Geometry |
         w2 = w.values.reshape(w.values.shape[0], -1)
         if _int_mm_fits(g2.shape[0], g2.shape[1], w2.shape[1]):
             return restore(_int8_product(g2, g.zero_point, w2.t(), w.zero_point) * scale)
-    return _input_product(g.values, w.values, x_shape, geometry).float() * scale
+    return _input_product(g.values, w.values, x_shape, geometry).float().mul_(scale)
 
 
 def _grad_weight(g: Operand, x: Operand, w: Operand, w_shape: torch.Size,
                  geometry: Geometry | None, mode: str) -> Tensor:
-    """dL/dW = g^T x (linear) or conv's weight gradient; a 16-bit g in two exact bytes."""
-    if mode == "dequantized" or not (x.narrow() and g.is_codes):
+    """dL/dW = g^T x (linear) or conv's weight gradient; a g of two bytes in two GEMMs."""
+    split = g.is_codes and g.low is not None
+    if mode == "dequantized" or not (x.narrow() and (g.narrow() or split)):
         return _weight_product(g.dequantized(), x.dequantized(), w.values, w_shape, geometry)
     scale = g.scale * x.scale
-    if g.narrow():
-        return _weight_product(g.values, x.values, w.values, w_shape, geometry).float() * scale
-    hi = torch.floor(g.values / 256)  # g = 256 hi + lo: hi in [-256, 255], lo in [0, 255]
-    lo = g.values - 256 * hi
-    high = _weight_product(hi.to(CODE_DTYPE), x.values, w.values, w_shape, geometry).float()
-    low = _weight_product(lo.to(CODE_DTYPE), x.values, w.values, w_shape, geometry).float()
-    return (high * 256 + low) * scale
+    y = _weight_product(g.values, x.values, w.values, w_shape, geometry).float()
+    if split:  # 256 hi + lo
+        low = _weight_product(g.low, x.values, w.values, w_shape, geometry)
+        y.mul_(256).add_(low.float())
+    return y.mul_(scale)
 
 
 def _like(t: Tensor | None, shape: torch.Size, like: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ import q8
 import q8.kernels as kernels
 from q8 import QuantConfig, quantize_model
 from q8.kernels import BackendUnavailable, Kernels, load
-from q8.kernels.reference import Reference, minmax
+from q8.kernels.reference import Reference, codes, minmax, qparams
 from tests.conftest import BACKENDS, backend_params, device_of
 
 REF = Reference()
@@ -120,7 +120,7 @@ def test_grad_pair_on_a_large_tensor_crosses_the_kernels_blocks(fast):
         assert all_same(load(fast).grad_pair(g, 8, 16, seed), REF.grad_pair(g, 8, 16, seed))
 
 
-@pytest.mark.parametrize("bits,wbits", [(8, 16), (8, 8), (8, None), (4, 12)])
+@pytest.mark.parametrize("bits,wbits", [(8, 16), (8, 8), (8, None), (4, 12), (12, 12)])
 def test_gemm_operands(fast, bits, wbits):
     """The centred codes q - z the GEMM modes multiply (q8.gemm), with scale and zero point."""
     k = load(fast)
@@ -506,3 +506,20 @@ def test_a_quantized_model_pickles_and_deep_copies_with_its_backend():
         assert {m.q8_kernels.backend for m in layers} == {"reference"}
         x = torch.randn(2, 3, 6, 6)
         assert torch.equal(clone.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize("bits", [9, 12, 16])
+def test_codes_of_more_than_8_bits_come_as_two_exact_bytes(bits):
+    """q - z = 256 hi + lo, hi in [-256, 255] and lo in [0, 255], both bf16 (exact there)."""
+    g = _values((4, 6, 5, 7), 12)
+    g[0, 0, 0, 0], g[0, 0, 0, 1] = g.min() - 1, g.max() + 1  # the range's ends: codes 0, top
+    for seed in SEEDS:
+        _, w = REF.grad_pair_codes(g, 8, bits, seed)
+        assert w.values.dtype == w.low.dtype == torch.bfloat16
+        scale, zero_point = qparams(*minmax(g), bits)
+        assert torch.equal(w.scale, scale) and torch.equal(w.zero_point, zero_point)
+        centred = codes(g, scale, zero_point, bits, seed) - zero_point
+        assert torch.equal(w.values.double() * 256 + w.low.double(), centred.double())
+        assert w.low.min() >= 0 and w.low.max() <= 255
+        assert w.values.min() >= -256 and w.values.max() <= 255
+        assert centred.abs().max() > 256  # both bytes are used

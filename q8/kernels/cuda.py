@@ -126,10 +126,24 @@ def _copy(g, lo, hi, levels, top, i, seed, STOCHASTIC: tl.constexpr, CENTRED: tl
 
 
 @triton.jit
-def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sHW, seed,
-               levels, top, wlevels, wtop, STOCHASTIC: tl.constexpr, DATA: tl.constexpr,
-               WEIGHT: tl.constexpr, CENTRED: tl.constexpr, BLOCK: tl.constexpr):
-    """Both copies of g_l as x_hat, or with CENTRED as q - z (in each output's dtype)."""
+def _store(ptr, low_ptr, at, v, mask, SPLIT: tl.constexpr):
+    """v in ptr's dtype, or with SPLIT as two bytes v = 256 hi + lo: hi to ptr, lo to low_ptr
+    (both exact: v * 2^-8 and its floor are)."""
+    if SPLIT:
+        high = tl.floor(v * 0.00390625)
+        tl.store(ptr + at, high.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(low_ptr + at, (v - 256.0 * high).to(low_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + at, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_pair(g_ptr, data_ptr, data_low_ptr, weight_ptr, weight_low_ptr, lo_ptr, hi_ptr, n, C,
+               HW, sB, sC, sHW, seed, levels, top, wlevels, wtop, STOCHASTIC: tl.constexpr,
+               DATA: tl.constexpr, WEIGHT: tl.constexpr, CENTRED: tl.constexpr,
+               DATA_SPLIT: tl.constexpr, WEIGHT_SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Both copies of g_l as x_hat, or with CENTRED as q - z (in each output's dtype; with
+    *_SPLIT in two bytes)."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
     at = _offset(i, C, HW, sB, sC, sHW)
@@ -137,10 +151,10 @@ def _grad_pair(g_ptr, data_ptr, weight_ptr, lo_ptr, hi_ptr, n, C, HW, sB, sC, sH
     g = tl.load(g_ptr + at, mask=mask)
     if DATA:
         v = _copy(g, lo, hi, levels, top, i, seed, STOCHASTIC, CENTRED)
-        tl.store(data_ptr + at, v.to(data_ptr.dtype.element_ty), mask=mask)
+        _store(data_ptr, data_low_ptr, at, v, mask, DATA_SPLIT)
     if WEIGHT:
         v = _copy(g, lo, hi, wlevels, wtop, i, seed, STOCHASTIC, CENTRED)
-        tl.store(weight_ptr + at, v.to(weight_ptr.dtype.element_ty), mask=mask)
+        _store(weight_ptr, weight_low_ptr, at, v, mask, WEIGHT_SPLIT)
 
 
 @triton.jit
@@ -402,10 +416,11 @@ class Cuda(Reference):
         data, weight, (lo, hi) = self._grad_pair(g, bits, wbits, seed, need_data, need_weight,
                                                  True)
 
-        def operand(t: Tensor | None, b: int | None) -> Operand | None:
+        def operand(t: tuple | Tensor | None, b: int | None) -> Operand | None:
             if t is None or b is None:
                 return None if t is None else Operand(t)
-            return Operand(t, *qparams(lo, hi, b))  # the kernel's scale and zero point
+            high, low = t
+            return Operand(high, *qparams(lo, hi, b), low)  # the kernel's scale and zero point
 
         if wbits == bits:
             both = operand(data, bits)
@@ -414,21 +429,31 @@ class Cuda(Reference):
 
     def _grad_pair(self, g: Tensor, bits: int, wbits: int | None, seed: int | None,
                    need_data: bool, need_weight: bool, centred: bool) -> tuple:
-        """The g_l pair (x_hat, or centred codes) and g's range, from one kernel."""
+        """The g_l pair and g's range, from one kernel: each copy x_hat, or with `centred`
+        (hi, lo) of q - z = 256 hi + lo (lo None for at most 8 bits, hi then q - z)."""
         g, geometry = _geometry(g)
         lo, hi = torch.aminmax(g)
         shared = wbits == bits
 
-        def out(b: int) -> Tensor:
-            return torch.empty_like(g, dtype=centred_dtype(b) if centred else torch.float32)
+        def out(b: int) -> Tensor | tuple:
+            if not centred:
+                return torch.empty_like(g, dtype=torch.float32)
+            split = b > 8
+            return (torch.empty_like(g, dtype=centred_dtype(8)),
+                    torch.empty_like(g, dtype=centred_dtype(8)) if split else None)
+
+        def parts(t: Tensor | tuple | None) -> tuple[Tensor, Tensor]:
+            high, low = t if isinstance(t, tuple) else (t, None)
+            return (g if high is None else high), (g if low is None else low)
 
         data = out(bits) if need_data or shared else None
         weight = out(wbits) if need_weight and not shared and wbits is not None else None
         _grad_pair[_blocks(g.numel())](
-            g, data if data is not None else g, weight if weight is not None else g, lo, hi,
-            g.numel(), *geometry, _seed(seed), *_levels(bits), *_levels(wbits or bits),
-            STOCHASTIC=seed is not None, DATA=data is not None, WEIGHT=weight is not None,
-            CENTRED=centred, BLOCK=BLOCK, **_OPTS)
+            g, *parts(data), *parts(weight), lo, hi, g.numel(), *geometry, _seed(seed),
+            *_levels(bits), *_levels(wbits or bits), STOCHASTIC=seed is not None,
+            DATA=data is not None, WEIGHT=weight is not None, CENTRED=centred,
+            DATA_SPLIT=centred and bits > 8, WEIGHT_SPLIT=centred and (wbits or 0) > 8,
+            BLOCK=BLOCK, **_OPTS)
         if shared:
             return data, data, (lo, hi)
         weight = (g if wbits is None else weight) if need_weight else None

@@ -185,16 +185,20 @@ class Reference:
     def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
                         seed: int | None, need_data: bool = True, need_weight: bool = True
                         ) -> tuple[Operand | None, Operand | None]:
-        """grad_pair's copies as GEMM operands (q - z, scale, zero point); g itself for a copy
-        of bits None."""
+        """grad_pair's copies as GEMM operands (q - z, scale, zero point; two bytes for more
+        than 8 bits: q8.gemm.Operand); g itself for a copy of bits None."""
         lo, hi = minmax(g)
 
         def copy(b: int | None) -> Operand:
             if b is None:
                 return Operand(g)
             scale, zero_point = qparams(lo, hi, b)
-            q = codes(g, scale, zero_point, b, seed)
-            return Operand((q - zero_point).to(centred_dtype(b)), scale, zero_point)
+            centred = codes(g, scale, zero_point, b, seed) - zero_point
+            if b <= 8:
+                return Operand(centred.to(CODE_DTYPE), scale, zero_point)
+            high = torch.floor(centred / 256)  # two bytes: 256 hi + lo, lo in [0, 255]
+            low = centred - 256 * high
+            return Operand(high.to(CODE_DTYPE), scale, zero_point, low.to(CODE_DTYPE))
 
         if bits == wbits:
             both = copy(bits)
