@@ -435,12 +435,14 @@ class Cuda(Reference):
         lo, hi = torch.aminmax(g)
         shared = wbits == bits
 
+        def split(b: int | None) -> bool:  # centred codes of more than 8 bits: two bytes
+            return centred and b is not None and b > 8
+
         def out(b: int) -> Tensor | tuple:
             if not centred:
                 return torch.empty_like(g, dtype=torch.float32)
-            split = b > 8
             return (torch.empty_like(g, dtype=centred_dtype(8)),
-                    torch.empty_like(g, dtype=centred_dtype(8)) if split else None)
+                    torch.empty_like(g, dtype=centred_dtype(8)) if split(b) else None)
 
         def parts(t: Tensor | tuple | None) -> tuple[Tensor, Tensor]:
             high, low = t if isinstance(t, tuple) else (t, None)
@@ -452,7 +454,7 @@ class Cuda(Reference):
             g, *parts(data), *parts(weight), lo, hi, g.numel(), *geometry, _seed(seed),
             *_levels(bits), *_levels(wbits or bits), STOCHASTIC=seed is not None,
             DATA=data is not None, WEIGHT=weight is not None, CENTRED=centred,
-            DATA_SPLIT=centred and bits > 8, WEIGHT_SPLIT=centred and (wbits or 0) > 8,
+            DATA_SPLIT=split(bits), WEIGHT_SPLIT=split(wbits),
             BLOCK=BLOCK, **_OPTS)
         if shared:
             return data, data, (lo, hi)
