@@ -30,7 +30,7 @@ class GradSpec:
     wbits: int | None
     rounding: str = "stochastic"
 
-    def seed(self) -> int | None:
+    def seed(self) -> Tensor | None:
         """The noise seed of one backward: drawn from torch's generator when g_l is rounded
         stochastically, None for rounding to nearest or nothing to round."""
         quantized = self.bits is not None or self.wbits is not None
@@ -120,7 +120,7 @@ class ReLUFn(torch.autograd.Function):
         y, packed = kernels.on(x).relu(x, inplace)
         ctx.kernels = kernels
         ctx.save_for_backward(packed)
-        return y
+        return x if inplace else y  # x itself: what torch.compile requires of a dirty input
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205

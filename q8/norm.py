@@ -38,6 +38,7 @@ def d2(n: int) -> float:
     return float(torch.trapezoid(integrand, x))
 
 
+@torch.compiler.assume_constant_result  # a constant of the shapes: compiled graphs keep it
 def range_scale(n: int, rule: str = "exact") -> float:
     """c(n): sigma_hat = c(n) * range of n samples; 0 when n < 2 (no spread to measure)."""
     if n < 2:
@@ -72,12 +73,11 @@ class RangeSpec:
     eps: float
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)  # made once per shape: no copy to the GPU at each step
 def _chunk_tables(sizes: tuple[int, ...], spatial: int, rule: str, device: torch.device,
                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Constants of a chunking: c(n_k) / K per chunk (K,) and each sample's chunk (B,)."""
-    chunk = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                    torch.tensor(sizes, device=device))
+    chunk = torch.tensor([k for k, size in enumerate(sizes) for _ in range(size)], device=device)
     coef = torch.tensor([range_scale(k * spatial, rule) / len(sizes) for k in sizes],
                         device=device, dtype=dtype)
     return coef, chunk
@@ -100,7 +100,9 @@ def range_std(smin: Tensor, smax: Tensor, sizes: list[int], spatial: int,
     """sigma_hat (C,) from per-sample extremes (B, C); also, for backward, each chunk's max
     and min (K, C), c(n_k) / K (K,) and each sample's chunk (B,)."""
     cmax, cmin = _per_chunk(smax, sizes, torch.amax), _per_chunk(smin, sizes, torch.amin)
-    coef, chunk = _chunk_tables(tuple(sizes), spatial, spec.rule, smax.device, smax.dtype)
+    # a compiled graph holds the tables as constants: it traces the function, not its cache
+    tables = _chunk_tables.__wrapped__ if torch.compiler.is_compiling() else _chunk_tables
+    coef, chunk = tables(tuple(sizes), spatial, spec.rule, smax.device, smax.dtype)
     sigma = ((cmax - cmin) * coef[:, None]).sum(0)
     return sigma, cmax, cmin, coef, chunk
 

@@ -8,6 +8,8 @@ same places). `cuda` runs here under Triton's interpreter when there is no GPU
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import pickle
 import shutil
@@ -15,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from torch import nn
 
 import q8
@@ -314,6 +317,68 @@ def test_a_resnet_step_is_the_same_on_the_cpu_backend():
                     _step("reference", model=resnet, shape=(4, 3, 32, 32)))
 
 
+class _CountCpuOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the calls of each q8_cpu op."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "q8_cpu":
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _count_cuda_kernels(monkeypatch):
+    """Counts the launches of each Triton kernel of q8.kernels.cuda."""
+    import q8.kernels.cuda as cuda
+
+    calls = collections.Counter()
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            calls[self.name.lstrip("_")] += 1
+            return self.kernel[grid]
+
+    for name in ("_quantize_input", "_dequantize", "_grad_pair", "_relu", "_relu_backward",
+                 "_range_bn_stats", "_range_bn_affine", "_range_bn_grad_sums",
+                 "_range_bn_grad_input"):
+        monkeypatch.setattr(cuda, name, Counted(name, getattr(cuda, name)))
+    yield calls
+
+
+def test_a_training_step_runs_the_fused_kernels(fast, monkeypatch):
+    """Every op that a fused backend fuses runs its kernel in a training step, once per layer
+    that calls it: a guard that sent them to the reference would fail here, though the results
+    would still be the reference's to the bit."""
+    model = _tiny_net()
+    gemms = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    relus = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    per_layer = {"quantize_input": gemms, "dequantize": gemms, "grad_pair": gemms,
+                 "range_bn_stats": norms, "range_bn_affine": norms,
+                 "range_bn_grad_sums": norms, "range_bn_grad_input": norms,
+                 "relu_backward": relus}
+    if fast == "cpu":
+        counter = _CountCpuOps()
+        with counter:
+            _step("cpu", model=lambda: model)
+        calls = counter.calls
+        # the weights: W_hat in forward, again in backward; ReLU in place or not
+        per_layer |= {"quantize_weight": gemms, "requantize_weight": gemms}
+        calls["relu"] += calls.pop("relu_")
+    else:
+        with _count_cuda_kernels(monkeypatch) as calls:
+            _step(fast, model=lambda: model)
+    per_layer["relu"] = relus
+    assert dict(calls) == per_layer
+
+
 # ---- edge cases: empty, non-contiguous, a batch of one, too large -----------------------------
 
 
@@ -395,18 +460,20 @@ def test_the_cpu_kernels_check_their_arguments():
         lambda: ops.range_bn_stats(x.double(), *minmax(x), 8),  # not float32
         lambda: ops.range_bn_affine(codes, scale, zp, torch.zeros(2), torch.zeros(3)),
         lambda: ops.range_bn_grad_sums(codes, scale, zp, x, torch.zeros(3), torch.zeros(5),
-                                       stat, 8, 0, False),
+                                       stat, 8, None),
         lambda: ops.range_bn_grad_sums(codes[:1], scale, zp, x, torch.zeros(3), stat, stat, 8,
-                                       0, False),
-        lambda: ops.range_bn_grad_input(codes, scale, zp, x, *minmax(x), 8, 0, False,
+                                       None),
+        lambda: ops.range_bn_grad_input(codes, scale, zp, x, *minmax(x), 8, None,
                                         torch.zeros(3), torch.zeros(3), stat, stat, stat,
                                         torch.zeros(1)),
         lambda: ops.relu_backward(torch.randn(100), torch.zeros(3, dtype=torch.uint8)),
-        lambda: ops.relu(torch.randn(100), torch.empty(99)),
+        lambda: ops.relu(torch.randn(100).double()),
+        lambda: ops.grad_pair(x, 8, 16, torch.zeros(2, dtype=torch.int64), True, True),  # seed
+        lambda: ops.grad_pair(x, 8, 16, torch.zeros((), dtype=torch.int32), True, True),
         lambda: ops.requantize_weight(torch.randn(4, 3), 8, torch.ones(2), torch.zeros(2)),
         lambda: ops.quantize_weight(torch.zeros(0, 3), 8, True),
         lambda: ops.quantize_input(x, torch.zeros(2), torch.ones(()), 8),
-        lambda: ops.grad_pair(x, 1, 16, 0, False, True, True),
+        lambda: ops.grad_pair(x, 1, 16, None, True, True),
         lambda: ops.dequantize(codes, torch.ones(3), zp),
     ]
     for call in bad:

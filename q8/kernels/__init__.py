@@ -1,12 +1,15 @@
 """q8's kernels: one interface, three backends, chosen once per model.
 
-The interface is `q8.kernels.reference.Reference`: the ops that q8's autograd functions call
+The interface is `q8.kernels.interface.Backend`: the ops that q8's autograd functions call
 (an input's codes and x_hat, the weights' W_hat, the g_l pair, ReLU and max-pool with their
 compact masks, Range BN's passes, dequantize). Backends:
 
 - `reference`: plain PyTorch, the paper's maths; any device. The oracle of every test.
 - `cpu`: fused C++ kernels for CPU tensors, built on first use (needs a C++ compiler).
 - `cuda`: fused Triton kernels for CUDA tensors.
+
+A fused backend runs the calls its kernels take and hands the rest to the reference, by one
+rule (`q8.kernels.interface.Fused.fuses`).
 
 `QuantConfig.backend` names one, or `auto`: per device type, `cuda` for CUDA tensors, `cpu` for
 CPU tensors where the C++ kernels build (else `reference`, with one warning) and `reference`
@@ -21,34 +24,23 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor, nn
 
+from q8.kernels.interface import Backend
 from q8.kernels.reference import Reference
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 MAX_NUMEL = 2**31 - 1  # elements of one tensor: the most that q8's kernels are tested to index
 
 
-def takes(*tensors: Tensor) -> bool:
-    """Whether a fused backend's kernels take these tensors: float32 (or uint8 codes), the first
-    non-empty; anything else runs the reference's ops."""
-    return all(t.dtype in (torch.float32, torch.uint8) for t in tensors) and tensors[0].numel() > 0
-
-
-def holds_codes(saved: tuple[Tensor, ...]) -> bool:
-    """Whether a saved input is 8-bit codes (codes, scale, zero point), not a float tensor."""
-    return len(saved) == 3 and saved[0].dtype == torch.uint8
-
-
 class BackendUnavailable(RuntimeError):
     """A backend that cannot run here (no compiler for `cpu`, no GPU or Triton for `cuda`)."""
 
 
-_loaded: dict[str, Reference | BackendUnavailable] = {}
+_loaded: dict[str, Backend | BackendUnavailable] = {}
 
 
-def _build(name: str) -> Reference:
+def _build(name: str) -> Backend:
     if name == "reference":
         return Reference()
     if name == "cpu":
@@ -72,7 +64,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def load(name: str) -> Reference:
+def load(name: str) -> Backend:
     """The backend `name`, built on the first call (a failure is remembered, not retried);
     raises BackendUnavailable with the reason."""
     if name not in BACKENDS[1:]:
@@ -111,9 +103,9 @@ class Kernels:
                 f"backend={backend!r} is invalid: valid choices are {', '.join(BACKENDS)}")
         self.backend = backend
         self._fixed = None if backend == "auto" else load(backend)
-        self._by_device: dict[str, Reference] = {}
+        self._by_device: dict[str, Backend] = {}
 
-    def on(self, x: Tensor) -> Reference:
+    def on(self, x: Tensor) -> Backend:
         if x.numel() > MAX_NUMEL:
             raise ValueError(
                 f"q8: a tensor of {x.numel():,} elements {tuple(x.shape)} is more than q8's "
@@ -124,7 +116,7 @@ class Kernels:
             backend = self._by_device[x.device.type] = self._resolve(x)
             return backend
 
-    def _resolve(self, x: Tensor) -> Reference:
+    def _resolve(self, x: Tensor) -> Backend:
         if self._fixed is not None:
             if not self._fixed.serves(x):
                 raise ValueError(

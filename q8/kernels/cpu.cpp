@@ -232,6 +232,14 @@ float scalar_arg(const Tensor& t, const char* name) {
   return *t.const_data_ptr<float>();
 }
 
+// The stochastic rounding's seed: one int64 value on the CPU (0 when rounding to nearest).
+int64_t seed_arg(const std::optional<Tensor>& seed) {
+  if (!seed.has_value()) return 0;
+  TORCH_CHECK(seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "q8 CPU kernel: seed must be one int64 value on the CPU");
+  return *seed->const_data_ptr<int64_t>();
+}
+
 // An activation of Range BN: (B, C, ...) with at least one value.
 void check_planes(const Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() >= 2 && t.numel() > 0, "q8 CPU kernel: ", name,
@@ -268,9 +276,11 @@ void for_planes(const Tensor& t, F body) {
 // both copies with the same noise. A copy not needed is None; with bits == wbits one tensor
 // serves both paths.
 std::tuple<std::optional<Tensor>, std::optional<Tensor>> grad_pair(
-    const Tensor& g, int64_t bits, int64_t wbits, int64_t seed, bool stochastic,
+    const Tensor& g, int64_t bits, int64_t wbits, const std::optional<Tensor>& seed_,
     bool need_data, bool need_weight) {
   check(g, at::kFloat, "g");
+  const bool stochastic = seed_.has_value();
+  const int64_t seed = seed_arg(seed_);
   check_bits(bits, 16);
   check_bits(wbits, 16);
   const int64_t n = g.numel();
@@ -286,9 +296,9 @@ std::tuple<std::optional<Tensor>, std::optional<Tensor>> grad_pair(
     if (pd) fake_quant_run(pg + b, pd + b, e - b, gd, stochastic, b, seed);
     if (pw) fake_quant_run(pg + b, pw + b, e - b, gw, stochastic, b, seed);
   });
-  std::optional<Tensor> data, weight;
+  std::optional<Tensor> data, weight;  // never one tensor twice: an op's outputs do not alias
   if (need_data || shared) data = d;
-  if (need_weight || shared) weight = shared ? d : w;
+  if (need_weight && !shared) weight = w;
   return {data, weight};
 }
 
@@ -377,7 +387,7 @@ std::tuple<Tensor, Tensor, Tensor> quantize_weight(const Tensor& w, int64_t bits
 // ---- ReLU: the output and a mask of 1 bit per element (bit i of byte k: element 8k + i) ------
 
 // y = relu(x) into `out` (x itself for an in-place ReLU); returns the mask of y > 0.
-Tensor relu(const Tensor& x, const Tensor& out) {
+Tensor relu_into(const Tensor& x, const Tensor& out) {
   check(x, at::kFloat, "x");
   check(out, at::kFloat, "out");
   check_numel(out, x.numel(), "out");
@@ -487,9 +497,11 @@ Tensor range_bn_affine(const Tensor& codes, const Tensor& scale, const Tensor& z
 // gy's range, from which range_bn_grad_input rebuilds the same g.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
     const Tensor& codes, const Tensor& scale, const Tensor& zero_point, const Tensor& gy,
-    const Tensor& mean, const Tensor& t_max, const Tensor& t_min, int64_t bits, int64_t seed,
-    bool stochastic) {
+    const Tensor& mean, const Tensor& t_max, const Tensor& t_min, int64_t bits,
+    const std::optional<Tensor>& seed_) {
   check(codes, at::kByte, "codes");
+  const bool stochastic = seed_.has_value();
+  const int64_t seed = seed_arg(seed_);
   check(gy, at::kFloat, "gy");
   check_planes(gy, "gy");
   TORCH_CHECK(codes.sizes() == gy.sizes(), "q8 CPU kernel: codes and gy must have one shape");
@@ -541,10 +553,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> range_bn_grad_sums(
 // x is its chunk's min; g rebuilt from gy, its range and the seed.
 Tensor range_bn_grad_input(const Tensor& codes, const Tensor& scale, const Tensor& zero_point,
                            const Tensor& gy, const Tensor& g_lo, const Tensor& g_hi, int64_t bits,
-                           int64_t seed, bool stochastic, const Tensor& a, const Tensor& g_mean,
-                           const Tensor& t_max, const Tensor& t_min, const Tensor& w_max,
-                           const Tensor& w_min) {
+                           const std::optional<Tensor>& seed_, const Tensor& a,
+                           const Tensor& g_mean, const Tensor& t_max, const Tensor& t_min,
+                           const Tensor& w_max, const Tensor& w_min) {
   check(codes, at::kByte, "codes");
+  const bool stochastic = seed_.has_value();
+  const int64_t seed = seed_arg(seed_);
   check(gy, at::kFloat, "gy");
   check_planes(gy, "gy");
   TORCH_CHECK(codes.sizes() == gy.sizes(), "q8 CPU kernel: codes and gy must have one shape");
@@ -577,29 +591,53 @@ Tensor range_bn_grad_input(const Tensor& codes, const Tensor& scale, const Tenso
   return gx;
 }
 
+// ReLU as two ops: y and the mask from x; or x itself made y (x.relu_()), returning the mask.
+std::tuple<Tensor, Tensor> relu(const Tensor& x) {
+  Tensor y = at::empty_like(x);
+  Tensor packed = relu_into(x, y);
+  return {y, packed};
+}
+
+Tensor relu_(const Tensor& x) { return relu_into(x, x); }
+
 }  // namespace
 
+// The schemas, and the CPU kernels behind them (q8/kernels/cpu.py registers the fake
+// implementations that torch.compile traces).
 TORCH_LIBRARY(q8_cpu, m) {
-  m.def("grad_pair(Tensor g, int bits, int wbits, int seed, bool stochastic, bool need_data, "
-        "bool need_weight) -> (Tensor?, Tensor?)", grad_pair);
+  m.def("grad_pair(Tensor g, int bits, int wbits, Tensor? seed, bool need_data, "
+        "bool need_weight) -> (Tensor?, Tensor?)");
   m.def("quantize_input(Tensor x, Tensor lo, Tensor hi, int bits) -> (Tensor, Tensor, Tensor, "
-        "Tensor)", quantize_input);
-  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point) -> Tensor", dequantize);
-  m.def("quantize_weight(Tensor w, int bits, bool per_channel) -> (Tensor, Tensor, Tensor)",
-        quantize_weight);
-  m.def("requantize_weight(Tensor w, int bits, Tensor scale, Tensor zero_point) -> Tensor",
-        requantize_weight);
-  m.def("relu(Tensor x, Tensor(a!) out) -> Tensor", relu);
-  m.def("relu_backward(Tensor gy, Tensor packed) -> Tensor", relu_backward);
+        "Tensor)");
+  m.def("dequantize(Tensor codes, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def("quantize_weight(Tensor w, int bits, bool per_channel) -> (Tensor, Tensor, Tensor)");
+  m.def("requantize_weight(Tensor w, int bits, Tensor scale, Tensor zero_point) -> Tensor");
+  m.def("relu(Tensor x) -> (Tensor, Tensor)");
+  m.def("relu_(Tensor(a!) x) -> Tensor");
+  m.def("relu_backward(Tensor gy, Tensor packed) -> Tensor");
   m.def("range_bn_stats(Tensor x, Tensor lo, Tensor hi, int bits) -> (Tensor, Tensor, Tensor, "
-        "Tensor, Tensor, Tensor)", range_bn_stats);
+        "Tensor, Tensor, Tensor)");
   m.def("range_bn_affine(Tensor codes, Tensor scale, Tensor zero_point, Tensor a, Tensor b) -> "
-        "Tensor", range_bn_affine);
+        "Tensor");
   m.def("range_bn_grad_sums(Tensor codes, Tensor scale, Tensor zero_point, Tensor gy, "
-        "Tensor mean, Tensor t_max, Tensor t_min, int bits, int seed, bool stochastic) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", range_bn_grad_sums);
+        "Tensor mean, Tensor t_max, Tensor t_min, int bits, Tensor? seed) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("range_bn_grad_input(Tensor codes, Tensor scale, Tensor zero_point, Tensor gy, "
-        "Tensor g_lo, Tensor g_hi, int bits, int seed, bool stochastic, Tensor a, Tensor g_mean, "
-        "Tensor t_max, Tensor t_min, Tensor w_max, Tensor w_min) -> Tensor",
-        range_bn_grad_input);
+        "Tensor g_lo, Tensor g_hi, int bits, Tensor? seed, Tensor a, Tensor g_mean, "
+        "Tensor t_max, Tensor t_min, Tensor w_max, Tensor w_min) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(q8_cpu, CPU, m) {
+  m.impl("grad_pair", grad_pair);
+  m.impl("quantize_input", quantize_input);
+  m.impl("dequantize", dequantize);
+  m.impl("quantize_weight", quantize_weight);
+  m.impl("requantize_weight", requantize_weight);
+  m.impl("relu", relu);
+  m.impl("relu_", relu_);
+  m.impl("relu_backward", relu_backward);
+  m.impl("range_bn_stats", range_bn_stats);
+  m.impl("range_bn_affine", range_bn_affine);
+  m.impl("range_bn_grad_sums", range_bn_grad_sums);
+  m.impl("range_bn_grad_input", range_bn_grad_input);
 }

@@ -19,11 +19,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from q8.kernels import holds_codes, takes
-from q8.kernels.reference import Reference, _window_origins
+from q8.kernels.fakes import register_fakes
+from q8.kernels.interface import Fused, code_bits, holds_codes, seed_tensor
+from q8.kernels.reference import Seed, _window_origins
 
 log = logging.getLogger("q8")
 SOURCE = Path(__file__).with_name("cpu.cpp")
+CPU_OPS = ("grad_pair", "quantize_input", "dequantize", "quantize_weight", "requantize_weight",
+           "relu", "relu_", "relu_backward", "range_bn_stats", "range_bn_affine",
+           "range_bn_grad_sums", "range_bn_grad_input")
 
 
 @functools.cache
@@ -53,16 +57,16 @@ def build() -> object:
         except Exception:
             cpp_extension.load(name=name + "_serial", sources=[str(SOURCE)],
                                is_python_module=False, extra_cflags=flags)
+        register_fakes("q8_cpu", CPU_OPS)
         return torch.ops.q8_cpu
     finally:
         cpp_log.setLevel(level)
         os.environ["PATH"] = path
 
 
-
-
-class Cpu(Reference):
-    """The reference's ops on CPU tensors, through the C++ kernels."""
+class Cpu(Fused):
+    """The reference's ops on CPU tensors, through the C++ kernels (`Fused.fuses` says which
+    calls)."""
 
     name = "cpu"
 
@@ -74,51 +78,54 @@ class Cpu(Reference):
 
     def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or bits > 8 or not takes(x):
-            return super().quantize_input(x, lo, hi, bits)
+        if not self.fuses(x, bits=bits, makes_codes=True):
+            return self.reference.quantize_input(x, lo, hi, bits)
         codes, x_hat, scale, zero_point = self.ops.quantize_input(x.contiguous(), lo, hi, bits)
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
-        if not (holds_codes(saved) and takes(saved[0])):
-            return super().restore(saved)
+        if not self.fuses(*saved, bits=code_bits(saved)):
+            return self.reference.restore(saved)
         return self.ops.dequantize(*saved)
 
     def quantize_weight(self, w: Tensor, bits: int | None,
                         per_channel: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or not takes(w):
-            return super().quantize_weight(w, bits, per_channel)
+        if not self.fuses(w, bits=bits):
+            return self.reference.quantize_weight(w, bits, per_channel)
         w_hat, scale, zero_point = self.ops.quantize_weight(w.detach().contiguous(), bits,
                                                             per_channel)
         return w_hat, (scale, zero_point)
 
     def requantize_weight(self, w: Tensor, bits: int | None, qp: tuple[Tensor, ...]) -> Tensor:
-        if bits is None or not takes(w):
-            return super().requantize_weight(w, bits, qp)
+        if not self.fuses(w, bits=bits):
+            return self.reference.requantize_weight(w, bits, qp)
         return self.ops.requantize_weight(w.detach().contiguous(), bits, *qp)
 
-    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
+    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: Seed | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
-        if bits is None or not takes(g):
-            return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
-        stochastic = seed is not None
+        if not self.fuses(g, bits=bits):
+            return self.reference.grad_pair(g, bits, wbits, seed, need_data, need_weight)
+        seed = seed_tensor(seed)
         if wbits is None:  # the weight path keeps g itself
-            data = self.ops.grad_pair(g.contiguous(), bits, bits, seed or 0, stochastic,
-                                      True, False)[0] if need_data else None
+            data = self.ops.grad_pair(g.contiguous(), bits, bits, seed, True, False)[0] \
+                if need_data else None
             return data, (g if need_weight else None)
-        return self.ops.grad_pair(g.contiguous(), bits, wbits, seed or 0, stochastic,
-                                  need_data, need_weight)
+        if wbits == bits:  # one tensor serves both paths
+            both = self.ops.grad_pair(g.contiguous(), bits, bits, seed, True, False)[0]
+            return both, both
+        return self.ops.grad_pair(g.contiguous(), bits, wbits, seed, need_data, need_weight)
 
     def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
-        if not (takes(x) and x.is_contiguous()):
-            return super().relu(x, inplace)
-        y = x if inplace else torch.empty_like(x)
-        return y, self.ops.relu(x, y)
+        if not (self.fuses(x) and x.is_contiguous()):
+            return self.reference.relu(x, inplace)
+        if inplace:
+            return x, self.ops.relu_(x)
+        return self.ops.relu(x)
 
     def relu_backward(self, gy: Tensor, packed: Tensor) -> Tensor:
-        if not takes(gy):
-            return super().relu_backward(gy, packed)
+        if not self.fuses(gy):
+            return self.reference.relu_backward(gy, packed)
         return self.ops.relu_backward(gy.contiguous(), packed)
 
     # Max-pool's index arithmetic on floats, which eager PyTorch on a CPU does several times
@@ -154,35 +161,34 @@ class Cpu(Reference):
 
     def range_bn_stats(self, x: Tensor, lo: Tensor, hi: Tensor, bits: int | None
                        ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if bits is None or bits > 8 or not takes(x):
-            return super().range_bn_stats(x, lo, hi, bits)
+        if not self.fuses(x, bits=bits, makes_codes=True):
+            return self.reference.range_bn_stats(x, lo, hi, bits)
         codes, scale, zero_point, s, mn, mx = self.ops.range_bn_stats(x.contiguous(), lo, hi,
                                                                        bits)
         return (codes, scale, zero_point), s, mn, mx
 
     def range_bn_affine(self, saved: tuple[Tensor, ...], a: Tensor, b: Tensor) -> Tensor:
-        if not (holds_codes(saved) and takes(saved[0], a, b)):
-            return super().range_bn_affine(saved, a, b)
+        if not self.fuses(*saved, a, b, bits=code_bits(saved)):
+            return self.reference.range_bn_affine(saved, a, b)
         return self.ops.range_bn_affine(*saved, a.contiguous(), b.contiguous())
 
     def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
-                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
+                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: Seed | None
                            ) -> tuple[Tensor, ...]:
-        if bits is None or not (holds_codes(saved) and takes(gy, mean, t_max, t_min)):
-            return super().range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
+        if not (self.fuses(gy, mean, t_max, t_min, bits=bits) and holds_codes(saved)):
+            return self.reference.range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
         return self.ops.range_bn_grad_sums(*saved, gy.contiguous(), mean, t_max.contiguous(),
-                                           t_min.contiguous(), bits, seed or 0, seed is not None)
+                                           t_min.contiguous(), bits, seed_tensor(seed))
 
     def range_bn_grad_input(self, saved: tuple[Tensor, ...], gy: Tensor, g_lo: Tensor,
-                            g_hi: Tensor, bits: int | None, seed: int | None, a: Tensor,
+                            g_hi: Tensor, bits: int | None, seed: Seed | None, a: Tensor,
                             g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
                             w_min: Tensor) -> Tensor:
         stats = (a, g_mean, t_max, t_min, w_max, w_min)
-        if bits is None or not (holds_codes(saved) and takes(gy, *stats)):
-            return super().range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
+        if not (self.fuses(gy, *stats, bits=bits) and holds_codes(saved)):
+            return self.reference.range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
         return self.ops.range_bn_grad_input(*saved, gy.contiguous(), g_lo, g_hi, bits,
-                                            seed or 0, seed is not None,
-                                            *(t.contiguous() for t in stats))
+                                            seed_tensor(seed), *(t.contiguous() for t in stats))
 
 
 def _float_origins(out_shape: torch.Size, in_shape: torch.Size, stride: tuple,

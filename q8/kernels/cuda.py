@@ -22,8 +22,10 @@ import triton.language as tl
 from torch import Tensor
 
 from q8.gemm import Operand
-from q8.kernels import BackendUnavailable, holds_codes, takes
-from q8.kernels.reference import Reference, centred_dtype, qparams
+from q8.kernels import BackendUnavailable
+from q8.kernels.fakes import out_like, register_fakes
+from q8.kernels.interface import Fused, code_bits, holds_codes, seed_tensor
+from q8.kernels.reference import Seed, centred_dtype, qparams
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024  # elements per program of the elementwise kernels
@@ -324,10 +326,10 @@ def _levels(bits: int) -> tuple[float, float]:
     return float(2**bits - 2), float(2**bits - 1)
 
 
-def _seed(seed: int | None) -> int:
+def _seed(seed: Seed | None) -> int:
     """The seed's low 32 bits (all the hash reads) plus 2^32, so that Triton always passes it
-    as an int64."""
-    return (seed or 0) % 2**32 + 2**32
+    as an int64. A seed tensor lives on the CPU: reading it waits for no GPU work."""
+    return (0 if seed is None else int(seed)) % 2**32 + 2**32
 
 
 
@@ -352,8 +354,208 @@ def _blocks(n: int, size: int = BLOCK) -> tuple[int]:
 _OPTS = {"enable_fp_fusion": False}  # no fused multiply-adds: the reference's roundings
 
 
-class Cuda(Reference):
-    """The reference's ops on CUDA tensors, through Triton kernels."""
+# ---- the kernels as custom ops (torch.compile traces them by their fakes) --------------------
+
+_lib = torch.library.Library("q8_cuda", "DEF")
+_KEY = "CPU" if INTERPRET else "CUDA"  # the interpreter runs the kernels on CPU tensors
+
+
+def _op(schema: str):
+    """Define q8_cuda::<schema> and register the decorated function as its kernel."""
+    _lib.define(schema)
+
+    def register(fn):
+        _lib.impl(schema.split("(")[0], fn, _KEY)
+        return fn
+
+    return register
+
+
+@_op("quantize_input(Tensor x, Tensor lo, Tensor hi, int bits) -> "
+     "(Tensor, Tensor, Tensor, Tensor)")
+def _quantize_input_op(x, lo, hi, bits):
+    _check(lo, 1, "lo")
+    _check(hi, 1, "hi")
+    x, geometry = _geometry(x)
+    codes, x_hat = out_like(x, torch.uint8), out_like(x)
+    scale, zero_point = x.new_empty(()), x.new_empty(())
+    _quantize_input[_blocks(x.numel())](x, codes, x_hat, lo.float(), hi.float(), scale,
+                                        zero_point, x.numel(), *geometry, *_levels(bits),
+                                        BLOCK=BLOCK, **_OPTS)
+    return codes, x_hat, scale, zero_point
+
+
+def _restore(codes, scale, zero_point, centred):
+    codes, geometry = _geometry(codes)
+    out = out_like(codes, centred_dtype(8) if centred else torch.float32)
+    _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
+                                        *geometry, CENTRED=centred, BLOCK=BLOCK, **_OPTS)
+    return out
+
+
+@_op("dequantize(Tensor codes, Tensor scale, Tensor zero_point) -> Tensor")
+def _dequantize_op(codes, scale, zero_point):
+    return _restore(codes, scale, zero_point, False)
+
+
+@_op("centred_codes(Tensor codes, Tensor scale, Tensor zero_point) -> Tensor")
+def _centred_codes_op(codes, scale, zero_point):
+    """q - z as a bf16 GEMM operand (exact for codes of at most 8 bits)."""
+    return _restore(codes, scale, zero_point, True)
+
+
+@_op("grad_pair(Tensor g, int bits, int? wbits, Tensor? seed, bool need_data, "
+     "bool need_weight, bool centred) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor, Tensor)")
+def _grad_pair_op(g, bits, wbits, seed, need_data, need_weight, centred):
+    """The g_l pair from one kernel: the data copy, the weight copy (each x_hat, or with
+    `centred` hi and lo of q - z = 256 hi + lo, lo None for at most 8 bits), and g's range. A
+    copy not needed, or of wbits None, is None; with wbits == bits the data copy serves both."""
+    g, geometry = _geometry(g)
+    lo, hi = torch.aminmax(g)
+    shared = wbits == bits
+    dtype = centred_dtype(8) if centred else torch.float32
+
+    def split(b: int | None) -> bool:  # centred codes of more than 8 bits: two bytes
+        return centred and b is not None and b > 8
+
+    def out(b: int, wanted: bool) -> tuple:
+        if not wanted:
+            return None, None
+        return out_like(g, dtype), (out_like(g, dtype) if split(b) else None)
+
+    data = out(bits, need_data or shared)
+    weight = out(wbits, need_weight and not shared and wbits is not None)
+    _grad_pair[_blocks(g.numel())](
+        g, *(g if t is None else t for t in (*data, *weight)), lo, hi, g.numel(), *geometry,
+        _seed(seed), *_levels(bits), *_levels(wbits or bits), STOCHASTIC=seed is not None,
+        DATA=data[0] is not None, WEIGHT=weight[0] is not None, CENTRED=centred,
+        DATA_SPLIT=split(bits), WEIGHT_SPLIT=split(wbits), BLOCK=BLOCK, **_OPTS)
+    return *data, *weight, lo, hi
+
+
+@_op("relu(Tensor x) -> (Tensor, Tensor)")
+def _relu_op(x):
+    x, geometry = _geometry(x)
+    y = out_like(x)
+    return y, _relu_into(x, y, geometry)
+
+
+@_op("relu_(Tensor(a!) x) -> Tensor")
+def _relu_inplace_op(x):
+    """In place: x is NCHW or channels_last (Cuda.relu checks), which the kernel indexes."""
+    return _relu_into(x, x, _geometry(x)[1])
+
+
+def _relu_into(x, y, geometry):
+    packed = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+    _relu[_blocks(packed.numel(), BLOCK // 8)](x, y, packed, x.numel(), *geometry,
+                                               BYTES=BLOCK // 8, **_OPTS)
+    return packed
+
+
+@_op("relu_backward(Tensor gy, Tensor packed) -> Tensor")
+def _relu_backward_op(gy, packed):
+    _check(packed, (gy.numel() + 7) // 8, "packed")
+    gy, geometry = _geometry(gy)
+    gx = out_like(gy)
+    _relu_backward[_blocks(packed.numel(), BLOCK // 8)](gy, packed, gx, gy.numel(), *geometry,
+                                                        BYTES=BLOCK // 8, **_OPTS)
+    return gx
+
+
+@_op("range_bn_stats(Tensor x, Tensor lo, Tensor hi, int bits) -> "
+     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _range_bn_stats_op(x, lo, hi, bits):
+    _check(lo, 1, "lo")
+    _check(hi, 1, "hi")
+    x, geometry = _geometry(x)
+    B, C = x.shape[:2]
+    codes = out_like(x, torch.uint8)
+    scale, zero_point = x.new_empty(()), x.new_empty(())
+    s, mn, mx = (x.new_empty((B, C)) for _ in range(3))
+    _range_bn_stats[(B, triton.cdiv(C, TILE_C))](
+        x, codes, lo.float(), hi.float(), scale, zero_point, s, mn, mx, *geometry,
+        *_levels(bits), TC=TILE_C, THW=TILE_HW, **_OPTS)
+    return codes, scale, zero_point, s, mn, mx
+
+
+@_op("range_bn_affine(Tensor codes, Tensor scale, Tensor zero_point, Tensor a, Tensor b) -> "
+     "Tensor")
+def _range_bn_affine_op(codes, scale, zero_point, a, b):
+    _check(a, codes.shape[1], "a")
+    _check(b, codes.shape[1], "b")
+    codes, geometry = _geometry(codes)
+    y = out_like(codes, torch.float32)
+    _range_bn_affine[_blocks(codes.numel())](codes, y, scale, zero_point, a.contiguous(),
+                                             b.contiguous(), codes.numel(), *geometry,
+                                             BLOCK=BLOCK, **_OPTS)
+    return y
+
+
+@_op("range_bn_grad_sums(Tensor codes, Tensor scale, Tensor zero_point, Tensor gy, "
+     "Tensor mean, Tensor t_max, Tensor t_min, int bits, Tensor? seed) -> "
+     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _range_bn_grad_sums_op(codes, scale, zero_point, gy, mean, t_max, t_min, bits, seed):
+    B, C = gy.shape[:2]
+    _check_codes(codes, gy)
+    _check(mean, C, "mean")
+    _check(t_max, B * C, "t_max")
+    _check(t_min, B * C, "t_min")
+    gy, geometry = _geometry(gy)
+    codes, (_, _, *code_strides) = _geometry(codes)
+    g_lo, g_hi = torch.aminmax(gy)
+    s_g, s_gx, n_max, n_min = (gy.new_empty((B, C)) for _ in range(4))
+    _range_bn_grad_sums[(B, triton.cdiv(C, TILE_C))](
+        codes, gy, scale, zero_point, g_lo, g_hi, mean.contiguous(), t_max.contiguous(),
+        t_min.contiguous(), s_g, s_gx, n_max, n_min, *geometry, *code_strides, _seed(seed),
+        *_levels(bits), STOCHASTIC=seed is not None, TC=TILE_C, THW=TILE_HW, **_OPTS)
+    return s_g, s_gx, n_max, n_min, g_lo, g_hi
+
+
+@_op("range_bn_grad_input(Tensor codes, Tensor scale, Tensor zero_point, Tensor gy, "
+     "Tensor g_lo, Tensor g_hi, int bits, Tensor? seed, Tensor a, Tensor g_mean, "
+     "Tensor t_max, Tensor t_min, Tensor w_max, Tensor w_min) -> Tensor")
+def _range_bn_grad_input_op(codes, scale, zero_point, gy, g_lo, g_hi, bits, seed, *stats):
+    B, C = gy.shape[:2]
+    _check_codes(codes, gy)
+    for t, numel, name in zip(stats, (C, C, *[B * C] * 4),
+                              ("a", "g_mean", "t_max", "t_min", "w_max", "w_min")):
+        _check(t, numel, name)
+    gy, geometry = _geometry(gy)
+    codes, (_, _, *code_strides) = _geometry(codes)
+    gx = out_like(gy)
+    _range_bn_grad_input[_blocks(gy.numel())](
+        codes, gy, gx, scale, zero_point, g_lo, g_hi, *(t.contiguous() for t in stats),
+        gy.numel(), *geometry, *code_strides, _seed(seed), *_levels(bits),
+        STOCHASTIC=seed is not None, BLOCK=BLOCK, **_OPTS)
+    return gx
+
+
+def _fake_grad_pair(g, bits, wbits, seed, need_data, need_weight, centred):
+    shared = wbits == bits
+    dtype = centred_dtype(8) if centred else torch.float32
+
+    def out(b: int | None, wanted: bool) -> tuple:
+        if not wanted:
+            return None, None
+        return out_like(g, dtype), (out_like(g, dtype) if centred and b > 8 else None)
+
+    lo = g.new_empty(())
+    weight = out(wbits, need_weight and not shared and wbits is not None)
+    return *out(bits, need_data or shared), *weight, lo, g.new_empty(())
+
+
+register_fakes("q8_cuda", ("quantize_input", "dequantize", "relu", "relu_", "relu_backward",
+                           "range_bn_stats", "range_bn_affine", "range_bn_grad_sums",
+                           "range_bn_grad_input"),
+               {"centred_codes": lambda codes, scale, zero_point: out_like(codes,
+                                                                           centred_dtype(8)),
+                "grad_pair": _fake_grad_pair})
+
+
+class Cuda(Fused):
+    """The reference's ops on CUDA tensors, through Triton kernels (`Fused.fuses` says which
+    calls)."""
 
     name = "cuda"
 
@@ -361,198 +563,102 @@ class Cuda(Reference):
         if not (INTERPRET or torch.cuda.is_available()):
             raise BackendUnavailable("backend 'cuda' needs a CUDA GPU (torch.cuda.is_available() "
                                      "is False)")
+        self.ops = torch.ops.q8_cuda
 
     def serves(self, x: Tensor) -> bool:
         return x.device.type == ("cpu" if INTERPRET else "cuda")
 
     def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if bits is None or bits > 8 or not takes(x):
-            return super().quantize_input(x, lo, hi, bits)
-        _check(lo, 1, "lo")
-        _check(hi, 1, "hi")
-        x, geometry = _geometry(x)
-        codes = torch.empty_like(x, dtype=torch.uint8)
-        x_hat = torch.empty_like(x)
-        scale, zero_point = x.new_empty(()), x.new_empty(())
-        _quantize_input[_blocks(x.numel())](x, codes, x_hat, lo.float(), hi.float(), scale,
-                                            zero_point, x.numel(), *geometry, *_levels(bits),
-                                            BLOCK=BLOCK, **_OPTS)
+        if not self.fuses(x, bits=bits, makes_codes=True):
+            return self.reference.quantize_input(x, lo, hi, bits)
+        codes, x_hat, scale, zero_point = self.ops.quantize_input(x, lo, hi, bits)
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
-        if not (holds_codes(saved) and takes(saved[0])):
-            return super().restore(saved)
-        codes, scale, zero_point = saved
-        codes, geometry = _geometry(codes)
-        out = torch.empty_like(codes, dtype=torch.float32)
-        _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
-                                            *geometry, CENTRED=False, BLOCK=BLOCK, **_OPTS)
-        return out
+        if not self.fuses(*saved, bits=code_bits(saved)):
+            return self.reference.restore(saved)
+        return self.ops.dequantize(*saved)
 
     def restore_codes(self, saved: tuple[Tensor, ...]) -> Operand:
-        if not (holds_codes(saved) and takes(saved[0])):
-            return super().restore_codes(saved)
-        codes, scale, zero_point = saved
-        codes, geometry = _geometry(codes)
-        out = torch.empty_like(codes, dtype=centred_dtype(8))
-        _dequantize[_blocks(codes.numel())](codes, out, scale, zero_point, codes.numel(),
-                                            *geometry, CENTRED=True, BLOCK=BLOCK, **_OPTS)
-        return Operand(out, scale, zero_point)
+        if not self.fuses(*saved, bits=code_bits(saved)):
+            return self.reference.restore_codes(saved)
+        return Operand(self.ops.centred_codes(*saved), saved[1], saved[2])
 
-    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
+    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: Seed | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
-        if bits is None or not takes(g):
-            return super().grad_pair(g, bits, wbits, seed, need_data, need_weight)
-        data, weight, _ = self._grad_pair(g, bits, wbits, seed, need_data, need_weight, False)
-        return data, weight
+        if not self.fuses(g, bits=bits):
+            return self.reference.grad_pair(g, bits, wbits, seed, need_data, need_weight)
+        data, _, weight, _, _, _ = self.ops.grad_pair(g, bits, wbits, seed_tensor(seed),
+                                                      need_data, need_weight, False)
+        return self._pair(g, bits, wbits, need_data, need_weight, data, weight)
 
     def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
-                        seed: int | None, need_data: bool = True, need_weight: bool = True
+                        seed: Seed | None, need_data: bool = True, need_weight: bool = True
                         ) -> tuple[Operand | None, Operand | None]:
-        if bits is None or not takes(g):
-            return super().grad_pair_codes(g, bits, wbits, seed, need_data, need_weight)
-        data, weight, (lo, hi) = self._grad_pair(g, bits, wbits, seed, need_data, need_weight,
-                                                 True)
+        if not self.fuses(g, bits=bits):
+            return self.reference.grad_pair_codes(g, bits, wbits, seed, need_data, need_weight)
+        d_hi, d_lo, w_hi, w_lo, lo, hi = self.ops.grad_pair(g, bits, wbits, seed_tensor(seed),
+                                                            need_data, need_weight, True)
+        # the kernel's scale and zero point, from the same range
+        data = None if d_hi is None else Operand(d_hi, *qparams(lo, hi, bits), d_lo)
+        weight = None if w_hi is None or wbits is None else Operand(
+            w_hi, *qparams(lo, hi, wbits), w_lo)
+        if wbits is None and need_weight:
+            weight = Operand(g)
+        return self._pair(g, bits, wbits, need_data, need_weight, data, weight)
 
-        def operand(t: tuple | Tensor | None, b: int | None) -> Operand | None:
-            if t is None or b is None:
-                return None if t is None else Operand(t)
-            high, low = t
-            return Operand(high, *qparams(lo, hi, b), low)  # the kernel's scale and zero point
-
+    @staticmethod
+    def _pair(g, bits, wbits, need_data, need_weight, data, weight):  # noqa: ANN001, ANN205
+        """(data, weight) as grad_pair returns them: one copy for both when wbits == bits; g
+        itself as the weight copy when wbits is None; None for a copy not needed."""
         if wbits == bits:
-            both = operand(data, bits)
-            return both, both
-        return operand(data, bits), operand(weight, wbits)
-
-    def _grad_pair(self, g: Tensor, bits: int, wbits: int | None, seed: int | None,
-                   need_data: bool, need_weight: bool, centred: bool) -> tuple:
-        """The g_l pair and g's range, from one kernel: each copy x_hat, or with `centred`
-        (hi, lo) of q - z = 256 hi + lo (lo None for at most 8 bits, hi then q - z)."""
-        g, geometry = _geometry(g)
-        lo, hi = torch.aminmax(g)
-        shared = wbits == bits
-
-        def split(b: int | None) -> bool:  # centred codes of more than 8 bits: two bytes
-            return centred and b is not None and b > 8
-
-        def out(b: int) -> Tensor | tuple:
-            if not centred:
-                return torch.empty_like(g, dtype=torch.float32)
-            return (torch.empty_like(g, dtype=centred_dtype(8)),
-                    torch.empty_like(g, dtype=centred_dtype(8)) if split(b) else None)
-
-        def parts(t: Tensor | tuple | None) -> tuple[Tensor, Tensor]:
-            high, low = t if isinstance(t, tuple) else (t, None)
-            return (g if high is None else high), (g if low is None else low)
-
-        data = out(bits) if need_data or shared else None
-        weight = out(wbits) if need_weight and not shared and wbits is not None else None
-        _grad_pair[_blocks(g.numel())](
-            g, *parts(data), *parts(weight), lo, hi, g.numel(), *geometry, _seed(seed),
-            *_levels(bits), *_levels(wbits or bits), STOCHASTIC=seed is not None,
-            DATA=data is not None, WEIGHT=weight is not None, CENTRED=centred,
-            DATA_SPLIT=split(bits), WEIGHT_SPLIT=split(wbits),
-            BLOCK=BLOCK, **_OPTS)
-        if shared:
-            return data, data, (lo, hi)
-        weight = (g if wbits is None else weight) if need_weight else None
-        return data, weight, (lo, hi)
+            return data, data
+        if wbits is None:
+            weight = weight if isinstance(weight, Operand) else g
+        return (data if need_data else None), (weight if need_weight else None)
 
     def relu(self, x: Tensor, inplace: bool) -> tuple[Tensor, Tensor]:
-        if not takes(x):
-            return super().relu(x, inplace)
-        x_in = x
-        x, geometry = _geometry(x)
-        if inplace and x is not x_in:  # in place, on a layout the kernel does not index
-            return super().relu(x_in, inplace)
-        y = x if inplace else torch.empty_like(x)
-        packed = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-        _relu[_blocks(packed.numel(), BLOCK // 8)](x, y, packed, x.numel(), *geometry,
-                                                   BYTES=BLOCK // 8, **_OPTS)
-        return y, packed
+        if not self.fuses(x):
+            return self.reference.relu(x, inplace)
+        if not inplace:
+            return self.ops.relu(x)
+        if _geometry(x)[0] is not x:  # in place, on a layout the kernel does not index
+            return self.reference.relu(x, inplace)
+        return x, self.ops.relu_(x)
 
     def relu_backward(self, gy: Tensor, packed: Tensor) -> Tensor:
-        if not takes(gy):
-            return super().relu_backward(gy, packed)
-        _check(packed, (gy.numel() + 7) // 8, "packed")
-        gy, geometry = _geometry(gy)
-        gx = torch.empty_like(gy)
-        _relu_backward[_blocks(packed.numel(), BLOCK // 8)](gy, packed, gx, gy.numel(), *geometry,
-                                                            BYTES=BLOCK // 8, **_OPTS)
-        return gx
+        if not self.fuses(gy):
+            return self.reference.relu_backward(gy, packed)
+        return self.ops.relu_backward(gy, packed)
 
     def range_bn_stats(self, x: Tensor, lo: Tensor, hi: Tensor, bits: int | None
                        ) -> tuple[tuple[Tensor, ...], Tensor, Tensor, Tensor]:
-        if bits is None or bits > 8 or not takes(x):
-            return super().range_bn_stats(x, lo, hi, bits)
-        _check(lo, 1, "lo")
-        _check(hi, 1, "hi")
-        x, geometry = _geometry(x)
-        B, C = x.shape[:2]
-        codes = torch.empty_like(x, dtype=torch.uint8)
-        scale, zero_point = x.new_empty(()), x.new_empty(())
-        s, mn, mx = (x.new_empty((B, C)) for _ in range(3))
-        _range_bn_stats[(B, triton.cdiv(C, TILE_C))](
-            x, codes, lo.float(), hi.float(), scale, zero_point, s, mn, mx, *geometry,
-            *_levels(bits), TC=TILE_C, THW=TILE_HW, **_OPTS)
+        if not self.fuses(x, bits=bits, makes_codes=True):
+            return self.reference.range_bn_stats(x, lo, hi, bits)
+        codes, scale, zero_point, s, mn, mx = self.ops.range_bn_stats(x, lo, hi, bits)
         return (codes, scale, zero_point), s, mn, mx
 
     def range_bn_affine(self, saved: tuple[Tensor, ...], a: Tensor, b: Tensor) -> Tensor:
-        if not (holds_codes(saved) and takes(saved[0], a, b)):
-            return super().range_bn_affine(saved, a, b)
-        codes, scale, zero_point = saved
-        _check(a, codes.shape[1], "a")
-        _check(b, codes.shape[1], "b")
-        codes, geometry = _geometry(codes)
-        y = torch.empty_like(codes, dtype=torch.float32)
-        _range_bn_affine[_blocks(codes.numel())](codes, y, scale, zero_point, a.contiguous(),
-                                                 b.contiguous(), codes.numel(), *geometry,
-                                                 BLOCK=BLOCK, **_OPTS)
-        return y
+        if not self.fuses(*saved, a, b, bits=code_bits(saved)):
+            return self.reference.range_bn_affine(saved, a, b)
+        return self.ops.range_bn_affine(*saved, a, b)
 
     def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
-                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
+                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: Seed | None
                            ) -> tuple[Tensor, ...]:
-        if bits is None or not (holds_codes(saved) and takes(gy, mean, t_max, t_min)):
-            return super().range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
-        codes, scale, zero_point = saved
-        B, C = gy.shape[:2]
-        _check_codes(codes, gy)
-        _check(mean, C, "mean")
-        _check(t_max, B * C, "t_max")
-        _check(t_min, B * C, "t_min")
-        gy, geometry = _geometry(gy)
-        codes, (_, _, *code_strides) = _geometry(codes)
-        g_lo, g_hi = torch.aminmax(gy)
-        s_g, s_gx, n_max, n_min = (gy.new_empty((B, C)) for _ in range(4))
-        _range_bn_grad_sums[(B, triton.cdiv(C, TILE_C))](
-            codes, gy, scale, zero_point, g_lo, g_hi, mean.contiguous(), t_max.contiguous(),
-            t_min.contiguous(), s_g, s_gx, n_max, n_min, *geometry, *code_strides, _seed(seed),
-            *_levels(bits), STOCHASTIC=seed is not None, TC=TILE_C, THW=TILE_HW, **_OPTS)
-        return s_g, s_gx, n_max, n_min, g_lo, g_hi
+        if not (self.fuses(gy, mean, t_max, t_min, bits=bits) and holds_codes(saved)):
+            return self.reference.range_bn_grad_sums(saved, gy, mean, t_max, t_min, bits, seed)
+        return self.ops.range_bn_grad_sums(*saved, gy, mean, t_max, t_min, bits,
+                                           seed_tensor(seed))
 
     def range_bn_grad_input(self, saved: tuple[Tensor, ...], gy: Tensor, g_lo: Tensor,
-                            g_hi: Tensor, bits: int | None, seed: int | None, a: Tensor,
+                            g_hi: Tensor, bits: int | None, seed: Seed | None, a: Tensor,
                             g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
                             w_min: Tensor) -> Tensor:
         stats = (a, g_mean, t_max, t_min, w_max, w_min)
-        if bits is None or not (holds_codes(saved) and takes(gy, *stats)):
-            return super().range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
-        codes, scale, zero_point = saved
-        B, C = gy.shape[:2]
-        _check_codes(codes, gy)
-        for t, numel, name in zip(stats, (C, C, *[B * C] * 4),
-                                  ("a", "g_mean", "t_max", "t_min", "w_max", "w_min")):
-            _check(t, numel, name)
-        gy, geometry = _geometry(gy)
-        codes, (_, _, *code_strides) = _geometry(codes)
-        gx = torch.empty_like(gy)
-        _range_bn_grad_input[_blocks(gy.numel())](
-            codes, gy, gx, scale, zero_point, g_lo, g_hi, *(t.contiguous() for t in stats),
-            gy.numel(), *geometry, *code_strides, _seed(seed), *_levels(bits),
-            STOCHASTIC=seed is not None, BLOCK=BLOCK, **_OPTS)
-        return gx
-
+        if not (self.fuses(gy, *stats, bits=bits) and holds_codes(saved)):
+            return self.reference.range_bn_grad_input(saved, gy, g_lo, g_hi, bits, seed, *stats)
+        return self.ops.range_bn_grad_input(*saved, gy, g_lo, g_hi, bits, seed_tensor(seed),
+                                            *stats)

@@ -13,9 +13,10 @@ A constant range (lo == hi == c) gets s = |c| (1 if c == 0), which represents c 
 or inf in the range makes s and every x_hat NaN: a divergence shows at the loss, never hidden.
 
 Noise for stochastic rounding: u = lowbias32((i + seed) mod 2^32) / 2^32 at 24-bit resolution
-for element i (row-major), with one seed per quantization call drawn from torch's generator:
-every backend computes the same u, so a seeded run is the same on every machine, and
-|E[floor(y + u)] - y| <= 2^-24 of a step.
+for element i (row-major), with one seed per quantization call drawn from torch's generator
+(a 0-d int64 tensor on the CPU, so that drawing it reads nothing back to Python and a compiled
+graph keeps it): every backend computes the same u, so a seeded run is the same on every
+machine, and |E[floor(y + u)] - y| <= 2^-24 of a step.
 
 Each op below is the specification of the same op of `q8.kernels.cpu` and `q8.kernels.cuda`:
 their elementwise results equal these bit for bit; their per-plane sums agree within float
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from q8.gemm import CODE_DTYPE, Operand
+
+Seed = Tensor | int  # a stochastic rounding's seed: draw_seed's 0-d tensor, or a plain integer
 
 # ---- the quantizer ------------------------------------------------------------------------
 
@@ -56,7 +59,7 @@ def qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return scale, torch.ceil(-lo0 / scale)
 
 
-def uniform(shape: torch.Size, seed: int, device: torch.device | str = "cpu") -> Tensor:
+def uniform(shape: torch.Size, seed: Seed, device: torch.device | str = "cpu") -> Tensor:
     """U[0, 1) noise of `shape`: the lowbias32 hash of (element index + seed) mod 2^32."""
     h = (torch.arange(shape.numel(), device=device, dtype=torch.int64) + seed) & 0xFFFFFFFF
     h = ((h ^ (h >> 16)) * 0x7FEB352D) & 0xFFFFFFFF
@@ -65,15 +68,16 @@ def uniform(shape: torch.Size, seed: int, device: torch.device | str = "cpu") ->
     return ((h >> 8).to(torch.float32) * 2.0**-24).view(shape)
 
 
-def draw_seed(generator: torch.Generator | None = None) -> int:
-    """The seed of one quantization call, from `generator` (default: torch's CPU generator,
-    which torch.manual_seed seeds)."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**62, (), generator=generator, device=device))
+def draw_seed(generator: torch.Generator | None = None) -> Tensor:
+    """The seed of one quantization call, a 0-d int64 tensor on the CPU, from `generator`
+    (default: torch's CPU generator, which torch.manual_seed seeds)."""
+    seed = torch.randint(0, 2**62, (), generator=generator, device=generator.device
+                         if generator is not None else "cpu")
+    return seed.cpu()
 
 
 def codes(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int,
-          seed: int | None = None) -> Tensor:
+          seed: Seed | None = None) -> Tensor:
     """q (as floats): round to nearest if seed is None, else stochastically with u(seed)."""
     y = x / scale
     y = y.round() if seed is None else (y + uniform(x.shape, seed, x.device)).floor()
@@ -86,7 +90,7 @@ def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
 
 
 def fake_quant(x: Tensor, lo: Tensor, hi: Tensor, bits: int | None,
-               seed: int | None = None) -> Tensor:
+               seed: Seed | None = None) -> Tensor:
     """x_hat of x over [lo, hi] (x itself for bits=None)."""
     if bits is None:
         return x
@@ -170,7 +174,7 @@ class Reference:
 
     # layer gradients: g_l for dL/dx (bits) and its copy for dL/dW (wbits), bifurcation
 
-    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: int | None,
+    def grad_pair(self, g: Tensor, bits: int | None, wbits: int | None, seed: Seed | None,
                   need_data: bool = True, need_weight: bool = True
                   ) -> tuple[Tensor | None, Tensor | None]:
         """Both copies of g_l over g's own range, rounded with the same u; None for a copy not
@@ -183,7 +187,7 @@ class Reference:
         return data, (fake_quant(g, lo, hi, wbits, seed) if need_weight else None)
 
     def grad_pair_codes(self, g: Tensor, bits: int | None, wbits: int | None,
-                        seed: int | None, need_data: bool = True, need_weight: bool = True
+                        seed: Seed | None, need_data: bool = True, need_weight: bool = True
                         ) -> tuple[Operand | None, Operand | None]:
         """grad_pair's copies as GEMM operands (q - z, scale, zero point; two bytes for more
         than 8 bits: q8.gemm.Operand); g itself for a copy of bits None."""
@@ -268,7 +272,7 @@ class Reference:
         return x_hat * a.view(shape) + b.view(shape)
 
     def range_bn_grad_sums(self, saved: tuple[Tensor, ...], gy: Tensor, mean: Tensor,
-                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: int | None
+                           t_max: Tensor, t_min: Tensor, bits: int | None, seed: Seed | None
                            ) -> tuple[Tensor, ...]:
         """Per plane (B, C), with g = gy quantized to `bits` over gy's range: the sums of g and
         of g (x_hat - mean), the number of values equal to their chunk's max t_max and min
@@ -291,7 +295,7 @@ class Reference:
         return s_g.to(gy.dtype), s_gx.to(gy.dtype), n_max, n_min, g_lo, g_hi
 
     def range_bn_grad_input(self, saved: tuple[Tensor, ...], gy: Tensor, g_lo: Tensor,
-                            g_hi: Tensor, bits: int | None, seed: int | None, a: Tensor,
+                            g_hi: Tensor, bits: int | None, seed: Seed | None, a: Tensor,
                             g_mean: Tensor, t_max: Tensor, t_min: Tensor, w_max: Tensor,
                             w_min: Tensor) -> Tensor:
         """dL/dx = a (g - g_mean) + w_max where x_hat is its chunk's max - w_min where it is

@@ -1,0 +1,128 @@
+"""q8 under torch.compile: the kernels are custom ops with fake implementations, the seeds of
+stochastic rounding are tensors drawn inside the graph, and nothing else breaks a graph.
+
+Every backend compiles with fullgraph=True (`cuda` here under Triton's interpreter, on CPU
+tensors). The forward's rounding is to nearest, so the first loss equals eager's; the
+backward's noise is the reference's hash of seeds that torch's generator draws, as in eager.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from q8 import QuantConfig, quantize_model
+from tests.conftest import BACKENDS, FAST_BACKENDS, backend_params, device_of
+
+CPU_BACKENDS = [b for b in FAST_BACKENDS if b in ("reference", "cpu")]
+EVERY_BACKEND = backend_params(BACKENDS)
+
+
+def _timm(name: str) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10}
+    if name.startswith("vit"):
+        kwargs.update(img_size=32, patch_size=8)
+    return timm.create_model(name, **kwargs)
+
+
+def _quantized(model: nn.Module, backend: str, **config) -> nn.Module:
+    return quantize_model(model, QuantConfig(backend=backend, **config))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_a_quantized_timm_model_traces_as_one_graph(backend, name):
+    """Dynamo captures the whole forward: conv, linear, Range BN, ReLU, max-pool, attention
+    and their autograd functions, with no graph break."""
+    model = _quantized(_timm(name), backend)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(1)  # the seeds of the backward's stochastic rounding
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.detach()
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+@pytest.mark.parametrize("bn", ["range", "batchnorm"])
+def test_fullgraph_training_step_matches_eager(backend, bn):
+    """With Range BN a compiled step's loss equals eager's to the bit (nearest rounding in
+    forward; Range BN's sums are exact sums of integers), and so do the running statistics and
+    input ranges it updates. Standard BN runs Inductor's own batch-norm decomposition, whose
+    variance rounds differently: there the step compiles and trains. The running statistics
+    are one lerp from eager's, which Inductor may round differently: within a few ulps."""
+    dev = device_of(backend)
+    eager = _quantized(_net(), backend, bn=bn).to(dev)
+    compiled_model = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
+    x, y = x.to(dev), y.to(dev)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    eager_loss, compiled_loss = _step(eager, x, y), _step(compiled, x, y)
+    assert torch.isfinite(compiled_loss)
+    for p in compiled_model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    if bn == "range":
+        assert torch.equal(eager_loss, compiled_loss)
+        for (name, a), (_, b) in zip(eager.named_buffers(), compiled_model.named_buffers()):
+            a, b = a.double(), b.double()
+            ulps = (a - b).abs().max() / (2**-23 * a.abs().max().clamp(min=1e-30))
+            assert ulps <= 4, (name, float(ulps))
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_compiled_backward_draws_the_same_noise(backend):
+    """Linear layers: dL/dW = g_l^T x_hat, where g_l is rounded stochastically with seeds drawn
+    from torch's generator inside the compiled backward. Given the same seed they equal eager's
+    to the bit: the seed is the same draw and the noise the same hash."""
+    torch.manual_seed(0)
+    dev = device_of(backend)
+    eager = _quantized(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), backend,
+                       grad_rounding="stochastic").to(dev)
+    compiled_model = copy.deepcopy(eager)
+    x, y = torch.randn(16, 64).to(dev), torch.randint(0, 10, (16,)).to(dev)
+    torch._dynamo.reset()
+    _step(eager, x, y)
+    _step(torch.compile(compiled_model, fullgraph=True), x, y)
+    for a, b in zip(eager, compiled_model):
+        if isinstance(a, nn.Linear):
+            assert torch.equal(a.weight.grad, b.weight.grad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224"])
+def test_fullgraph_compile_trains_the_timm_models(backend, name):
+    """The issue's three models: fullgraph compile, a few SGD steps, the first loss eager's."""
+    eager = _quantized(_timm(name), backend)
+    compiled_model = copy.deepcopy(eager)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    assert torch.equal(_step(eager, x, y), _step(compiled, x, y))
+    opt = torch.optim.SGD(compiled_model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(_step(compiled, x, y))
