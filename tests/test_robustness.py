@@ -18,7 +18,9 @@ import lightning as L
 import pytest
 import torch
 
+from q8.lit import lightning_internals
 from tests.conftest import ROOT, TINY, TINY_DIGITS
+from tests.test_private_apis import AtStep, Tiny, fake_slurm_job
 
 # Three epochs of 12 steps, last.ckpt also every 5 steps: a signal lands mid-epoch.
 RUN = [
@@ -171,7 +173,7 @@ class StopAfterStep(L.Callback):
             return
         if self.crash:
             raise RuntimeError("crash")
-        trainer._signal_connector.received_sigterm = True
+        lightning_internals.set_received_sigterm(trainer, True)
 
 
 def test_mid_epoch_resume_reproduces_the_uninterrupted_run(
@@ -199,6 +201,108 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(
         assert {k: got[k] for k in FINAL_KEYS} == {k: expected[k] for k in FINAL_KEYS}, name
         assert min(_step_losses(tmp_path / name, last_launch=True)) == start
         assert _step_losses(tmp_path / name) == full_losses, name
+
+
+# ------------------------------------------------------------- signals during fit, in-process
+
+
+@pytest.fixture
+def slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    return fake_slurm_job(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def pre_fit_handlers() -> list[int]:
+    """train.py's handlers before fit (a signal outside fit stops with StoppedBySignal): here
+    they record the signals they get, and are what fit must restore."""
+    got: list[int] = []
+
+    def outside_fit(signum: int, frame: object) -> None:
+        got.append(signum)
+
+    previous = {s: signal.signal(s, outside_fit) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield got
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _fit_signalled(tmp_path: Path, signum: int) -> tuple[L.Trainer, bool]:
+    """Four steps of Tiny with ResumableCheckpoint, `signum` sent to this process at the end of
+    step 2; (the trainer, whether fit stopped with SIGTERMException)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from q8.lit.checkpoint import ResumableCheckpoint
+
+    checkpoint = ResumableCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True,
+                                     save_top_k=0)
+    send = AtStep(2, lambda trainer: os.kill(os.getpid(), signum))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[send, checkpoint])
+    try:
+        trainer.fit(Tiny())
+    except SIGTERMException:
+        return trainer, True
+    return trainer, False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_during_fit_saves_last_ckpt_and_stops_at_that_step(tmp_path, signum,
+                                                                    pre_fit_handlers):
+    trainer, stopped = _fit_signalled(tmp_path, signum)
+    assert stopped and trainer.global_step == 2
+    assert _last_step(tmp_path) == 2
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))
+    assert pre_fit_handlers == []  # fit's handler took it
+    assert all(signal.getsignal(s).__name__ == "outside_fit"
+               for s in (signal.SIGTERM, signal.SIGUSR1))  # and gave the signals back
+
+
+def test_sigusr1_under_slurm_saves_hpc_ckpt_requeues_and_trains_on(tmp_path, slurm,
+                                                                  pre_fit_handlers):
+    """Lightning's requeue, run by every rank at the batch end after the signal although
+    train.py's handler kept Lightning from installing its own: hpc_ckpt_1.ckpt of that step,
+    `scontrol requeue`; training goes on until SLURM's SIGTERM (here: none, the epoch ends)."""
+    trainer, stopped = _fit_signalled(tmp_path, signal.SIGUSR1)
+    assert not stopped and trainer.global_step == 4
+    hpc = torch.load(tmp_path / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    assert hpc["global_step"] == 2
+    assert slurm.read_text() == "requeue 4242\n"
+    assert pre_fit_handlers == []
+    assert signal.getsignal(signal.SIGUSR1).__name__ == "outside_fit"
+
+
+def test_sigterm_under_slurm_still_saves_last_ckpt_and_stops(tmp_path, slurm, pre_fit_handlers):
+    trainer, stopped = _fit_signalled(tmp_path, signal.SIGTERM)
+    assert stopped and trainer.global_step == 2 and _last_step(tmp_path) == 2
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt")) and not slurm.exists()
+
+
+@pytest.mark.parametrize("under_slurm", [False, True], ids=["local", "slurm"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_outside_fit_exits_143_with_one_line(signum, under_slurm, tmp_path,
+                                                      monkeypatch, capsys):
+    """train.py's handlers, before fit or after it (under SLURM too: nothing to requeue from)."""
+    import train
+
+    if under_slurm:
+        fake_slurm_job(tmp_path, monkeypatch)
+    for name in ("Q8_RUN_ID", "HYDRA_FULL_ERROR"):  # cli() sets them: restored afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    monkeypatch.setattr(train, "main", lambda: os.kill(os.getpid(), signum))
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with pytest.raises(SystemExit) as ended:
+            train.cli()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert ended.value.code == 143
+    name = signal.Signals(signum).name
+    assert capsys.readouterr().err.splitlines() == [
+        f"stopped by {name} outside training: this stop saved no checkpoint"]
 
 
 def test_resumable_sampler_keeps_torchs_order_and_random_stream() -> None:

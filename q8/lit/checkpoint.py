@@ -7,7 +7,9 @@
   the ranks agree on it at each batch end, then Lightning's loop raises SIGTERMException), and
   on that exception `last.ckpt` is saved before the process exits (a signal during validation
   takes effect when that validation ends: Lightning's resume from inside a validation would
-  skip the rest of it and reshuffle the next epoch differently);
+  skip the rest of it and reshuffle the next epoch differently); under SLURM with
+  auto_requeue, SLURM's requeue signal (SIGUSR1) instead makes every rank, at the same batch
+  end, run Lightning's requeue: save `hpc_ckpt_<n>.ckpt` and `scontrol requeue` the job;
   `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
   cannot be caught) loses at most that many steps; the temporary files of a write that a kill
   interrupted are removed when the next run starts. `last.ckpt` is written at the end of
@@ -31,6 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from q8.lit import lightning_internals
 from q8.lit.errors import CheckpointWriteError
 from q8.lit.resume import batches_into_epoch
 
@@ -93,7 +96,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class ResumableCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that saves `last.ckpt` when the run is stopped by SIGTERM or SIGUSR1, and
-    every `last_every_n_train_steps` optimizer steps inside an epoch (0: at epoch ends only)."""
+    every `last_every_n_train_steps` optimizer steps inside an epoch (0: at epoch ends only).
+    Under SLURM with auto_requeue, SIGUSR1 saves `hpc_ckpt_<n>.ckpt` and requeues instead."""
 
     def __init__(
         self,
@@ -113,7 +117,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.save_on_signal = save_on_signal
         self.last_every_n_train_steps = last_every_n_train_steps
         self._signals_taken = False
-        self._signal_pending = False
+        self._signal_pending = False  # SIGTERM or SIGUSR1: stop
+        self._requeue_pending = False  # SLURM's requeue signal: hpc_ckpt, then requeue
+        self._requeue_signal: int | None = None
         self._deferred_signal = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -147,48 +153,67 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._take_over_signals(trainer)
 
     def _take_over_signals(self, trainer: L.Trainer) -> None:
-        """Replace Lightning's SIGTERM handler (and handle SIGUSR1 the same way) with one that
-        only records the signal; the ranks agree on it at the next batch end or validation end.
+        """Replace Lightning's SIGTERM and SIGUSR1 handlers with one that only records the
+        signal; the ranks agree on it at the next batch end or validation end, then all stop
+        (saving last.ckpt) or, for SLURM's requeue signal (SIGUSR1 by default, under SLURM with
+        auto_requeue), all run Lightning's requeue (hpc_ckpt_<n>.ckpt, `scontrol requeue`) and
+        train on until SLURM stops the job with SIGTERM.
 
-        Lightning's own handler broadcasts from inside the signal handler, which deadlocks a DDP
-        run when the signal lands during another collective, and each rank then stops at the
-        first batch end after its own signal, so the ranks can stop at different steps. Lightning
-        restores the handlers it found at fit start when fit ends, these included."""
-        if not self.save_on_signal or self._signals_taken:
+        Lightning's own handlers broadcast, or save a checkpoint, from inside the signal handler,
+        which deadlocks a DDP run when the signal lands during another collective, and each rank
+        then stops at the first batch end after its own signal, so the ranks can stop at
+        different steps; Lightning also installs its SLURM handler only where no handler is set,
+        and train.py's is. Lightning restores the handlers it found at fit start when fit ends,
+        these included."""
+        if self._signals_taken:
             return
-        env = trainer._accelerator_connector.cluster_environment
-        slurm_requeue = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        # under SLURM, Lightning's requeue handler owns SIGUSR1
-        signums = [signal.SIGTERM]
-        if hasattr(signal, "SIGUSR1") and not slurm_requeue:
-            signums.append(signal.SIGUSR1)
+        env = lightning_internals.cluster_environment(trainer)
+        requeue = None
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            requeue = env.requeue_signal
+        signums = [requeue] if requeue is not None else []
+        if self.save_on_signal:
+            stops = [signal.SIGTERM, getattr(signal, "SIGUSR1", None)]
+            signums += [s for s in stops if s is not None and s != requeue]
+        if not signums:
+            return
 
         def record(signum: int, frame: Any) -> None:
-            if not self._signal_pending:
-                rank_zero_info(f"Received signal {signum}: saving last.ckpt after this batch")
+            requeues = signum == requeue
+            if not (self._requeue_pending if requeues else self._signal_pending):
+                what = "requeueing the job" if requeues else "saving last.ckpt"
+                rank_zero_info(f"Received signal {signum}: {what} after this batch")
                 launcher = trainer.strategy.launcher
                 if launcher is not None:  # the ranks this process started get it too
                     launcher.kill(signum)
-            self._signal_pending = True
+            if requeues:
+                self._requeue_pending = True
+            else:
+                self._signal_pending = True
 
         try:
             for signum in signums:
                 signal.signal(signum, record)
         except ValueError:  # not the main thread: Lightning's handlers stay
             return
-        self._signals_taken = True
+        self._signals_taken, self._requeue_signal = True, requeue
 
     def _agree_on_signal(self, trainer: L.Trainer) -> None:
         """Every rank calls this at the same point: if any rank has received a signal, all of
-        them tell Lightning to stop, so they stop at the same step."""
-        stop = self._signal_pending
+        them run Lightning's SLURM requeue (the requeue signal) or tell Lightning to stop, so
+        they do it at the same step."""
+        pending = [self._signal_pending, self._requeue_pending]
         if trainer.world_size > 1 and torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
+            flags = torch.tensor([int(p) for p in pending], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            pending = [bool(f) for f in flags.tolist()]
+        stop, requeue = pending
+        if requeue:  # here, not in the handler: a consistent step, saved by every rank together
+            self._requeue_pending = False
+            lightning_internals.slurm_requeue(trainer, self._requeue_signal)
         if stop:
             self._signal_pending = False
-            trainer._signal_connector.received_sigterm = True
+            lightning_internals.set_received_sigterm(trainer, True)
 
     def on_validation_batch_end(
         self,
@@ -200,34 +225,35 @@ class ResumableCheckpoint(ModelCheckpoint):
         dataloader_idx: int = 0,
     ) -> None:
         if self.save_on_signal and trainer.received_sigterm and not trainer.sanity_checking:
-            trainer._signal_connector.received_sigterm = False  # Lightning would stop right now
+            # Lightning would stop right now
+            lightning_internals.set_received_sigterm(trainer, False)
             self._deferred_signal = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if lightning_internals.saves_on_train_epoch_end(self, trainer):
             self._save_last_if_behind(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # the epoch's best and last checkpoints
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not lightning_internals.saves_on_train_epoch_end(self, trainer):
             self._save_last_if_behind(trainer)
         if self._signals_taken and not trainer.sanity_checking:
             self._agree_on_signal(trainer)
         if self._deferred_signal:
             self._deferred_signal = False
-            trainer._signal_connector.received_sigterm = True  # stop before the next batch
+            lightning_internals.set_received_sigterm(trainer, True)  # stop before the next batch
 
     def _save_last_if_behind(self, trainer: L.Trainer) -> None:
         """Save last.ckpt unless this step's checkpoints are already written (Lightning saves
         it along with a new best checkpoint only); save_last="link" would link last.ckpt to the
         best checkpoint, not save this state."""
-        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last is True and not lightning_internals.should_skip_saving(self, trainer):
+            lightning_internals.save_last(self, trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._signals_taken = False
-        self._signal_pending = False
+        self._signal_pending = self._requeue_pending = False
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -237,10 +263,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if not self.save_last:
             return
-        if self._last_global_step_saved != trainer.global_step:  # else saved at this very step
-            if self._should_skip_saving_checkpoint(trainer):
+        saved = lightning_internals.last_global_step_saved(self)
+        if saved != trainer.global_step:  # else saved at this very step
+            if lightning_internals.should_skip_saving(self, trainer):
                 return
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            lightning_internals.save_last(self, trainer)
         rank_zero_info(
             f"Stopped by a signal at step {trainer.global_step}: saved {self.last_model_path}"
         )
