@@ -23,6 +23,13 @@ ENV HOME=/tmp \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
 
+# data=fashion_mnist reads Debian's and Ubuntu's package (its files, not a download). Unpinned: the
+# base image's distribution release fixes the version.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dataset-fashion-mnist \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /workspace
 
 # The install of `make setup`, which CI runs (.ci/run): the project and its `app` and `dev` extras from
