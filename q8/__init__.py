@@ -5,7 +5,7 @@ from q8.functional import fake_quantize
 from q8.kernels import BackendUnavailable, use_backend
 from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
 from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2, set_range_bn_sync
-from q8.transform import QuantReport, quantize_model
+from q8.transform import QuantReport, dequantize_model, quantize_model
 
 __all__ = [
     "BackendUnavailable",
@@ -18,6 +18,7 @@ __all__ = [
     "QuantReport",
     "RangeBatchNorm2d",
     "d2",
+    "dequantize_model",
     "fake_quantize",
     "quantize_model",
     "set_range_bn_sync",

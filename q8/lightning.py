@@ -16,10 +16,25 @@ model's: `MyModule.load_from_checkpoint(path)` works without q8, and
 Fabric, where the model is converted before anything is loaded, `fabric.save`/`fabric.load`
 keep the buffers in the model's own state.
 
+Hyper-parameters. A module saved with `save_hyperparameters` (`__init__(self, net: nn.Module)`)
+is the converted module itself: the checkpoint's `hyper_parameters` hold a float copy of it
+instead (q8.dequantize_model of a copy that shares the tensors), so that `load_from_checkpoint`
+works where q8 is not installed and rebuilds the float model. Lightning writes them after the
+plugin's own hook: a callback that Q8Precision adds to the Trainer does it.
+
 `sync_range_bn=True` makes every Range BN layer all-reduce its batch mean and chunk ranges across
 the ranks while training (q8.norm.set_range_bn_sync): Range BN of the global batch, for DDP runs
-with few images per GPU. Lightning's `sync_batchnorm=True` would replace q8's norms by
-SyncBatchNorm instead.
+with few images per GPU. Lightning's `sync_batchnorm=True` does the same: it makes every
+BatchNorm a SyncBatchNorm (timm's BatchNormAct2d loses its activation in that conversion, which
+is torch's) and q8 turns each SyncBatchNorm into synchronised Range BN.
+
+Precision. Lightning refuses a `precision` given beside the plugin
+(`Trainer(precision="bf16-mixed", plugins=[Q8Precision()])` raises "Received both ... Choose
+one"): give it to the plugin, `Q8Precision(config, precision="bf16-mixed")`. With "bf16-mixed"
+the steps run under bf16 autocast, as Lightning's MixedPrecision runs them, except q8's
+quantized layers (conv, linear, BN), which run with autocast off on float32 inputs: what q8
+leaves alone (attention's products, layers in `config.skip`, ...) runs in bf16. The default,
+"32-true", runs everything in float32. Master weights and the optimizer stay fp32 either way.
 
 Works with the Trainer and Fabric on one device and under DDP; not with strategies that shard
 the model (FSDP, DeepSpeed), which q8 does not support. The rounding noise comes from torch's
@@ -30,19 +45,27 @@ Imports Lightning: the rest of q8 does not need it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.precision import MixedPrecision as FabricMixedPrecision
 from lightning.fabric.plugins.precision import Precision as FabricPrecision
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from q8.config import QuantConfig
+from q8.layers import ActRangeMixin
 from q8.norm import set_range_bn_sync
-from q8.transform import quantize_model
+from q8.transform import dequantize_model, holds_q8_state, quantize_model
 
 log = logging.getLogger("q8")
+
+PRECISIONS = ("32-true", "bf16-mixed")  # what the plugins take as `precision`
 
 
 def _config_dict(config: QuantConfig) -> dict[str, Any]:
@@ -88,43 +111,181 @@ def _allow_missing_q8_buffers(module: torch.nn.Module, incompatible: Any) -> Non
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in added]
 
 
+def _check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"q8: precision={precision!r} is invalid: valid choices are "
+                         f"{', '.join(PRECISIONS)}")
+    return precision
+
+
+# ---- bf16 autocast around q8's layers --------------------------------------------------------
+
+
+def _float32_forward(module: torch.nn.Module, x: Any, *args, **kwargs) -> Any:
+    """A q8 layer's forward with autocast off, on a float32 input: q8 quantizes and multiplies
+    in float32 (its GEMM modes choose their own operand types), and autocast would run those
+    GEMMs in bf16 on the dequantized values."""
+    if not isinstance(x, torch.Tensor):
+        return type(module).forward(module, x, *args, **kwargs)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    with torch.autocast(x.device.type, enabled=False):
+        return type(module).forward(module, x, *args, **kwargs)
+
+
+def _float32_islands(module: torch.nn.Module) -> None:
+    """Every quantized layer (conv, linear, BN) of `module` runs _float32_forward: an instance
+    attribute, which torch.compile traces (hooks that enter and leave autocast it does not);
+    dequantize_model removes it."""
+    for m in module.modules():
+        if isinstance(m, ActRangeMixin) and "forward" not in vars(m):
+            m.forward = functools.partial(_float32_forward, m)
+
+
+class _Autocast:
+    """Lightning's MixedPrecision plugin of `precision`, for the device type of the module's
+    tensors at each step (the module moves to its device after the conversion)."""
+
+    def __init__(self, precision: str, mixed: type) -> None:
+        self.precision, self.mixed = precision, mixed
+        self.plugins: dict[str, Any] = {}
+        self.module: torch.nn.Module | None = None
+
+    def plugin(self) -> Any:
+        tensor = next(iter(self.module.parameters()), None) if self.module is not None else None
+        device = tensor.device.type if tensor is not None else "cpu"
+        if device not in self.plugins:
+            self.plugins[device] = self.mixed(self.precision, device)
+        return self.plugins[device]
+
+    def convert(self, module: torch.nn.Module) -> None:
+        self.module = module
+        if self.precision != "32-true":
+            _float32_islands(module)
+
+    def forward_context(self) -> AbstractContextManager:
+        return nullcontext() if self.precision == "32-true" else self.plugin().forward_context()
+
+
+# ---- float hyper-parameters in checkpoints ---------------------------------------------------
+
+
+def _float_values(value: Any, copies: dict[int, torch.nn.Module]) -> Any:
+    """`value` with each nn.Module inside it (through dicts, lists and tuples) that holds q8
+    state replaced by its float copy; containers are copied where something inside changed,
+    never changed in place (they are the LightningModule's own hparams)."""
+    if isinstance(value, torch.nn.Module):
+        if id(value) not in copies:
+            copies[id(value)] = (dequantize_model(value, inplace=False)
+                                 if holds_q8_state(value) else value)
+        return copies[id(value)]
+    if isinstance(value, dict):
+        new = {k: _float_values(v, copies) for k, v in value.items()}
+        if all(new[k] is value[k] for k in value):
+            return value
+        out = copy.copy(value)
+        out.update(new)
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [_float_values(v, copies) for v in value]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+class _FloatHyperParameters(Callback):
+    """The checkpoint's hyper-parameters with float modules (Lightning dumps them after the
+    precision plugin's on_save_checkpoint, before the callbacks')."""
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        copies: dict[int, torch.nn.Module] = {}
+        for key in (LightningModule.CHECKPOINT_HYPER_PARAMS_KEY,
+                    LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY):
+            if key in checkpoint:
+                checkpoint[key] = _float_values(checkpoint[key], copies)
+
+
+def _trainer_of(module: torch.nn.Module) -> Any:
+    if not isinstance(module, LightningModule):
+        return None
+    try:
+        return module.trainer
+    except RuntimeError:  # not attached to a Trainer
+        return None
+
+
 class Q8FabricPrecision(FabricPrecision):
-    """8-bit training by Banner et al. (2018) as `config` says, for Lightning Fabric."""
+    """8-bit training by Banner et al. (2018) as `config` says, for Lightning Fabric;
+    `precision="bf16-mixed"` runs the layers q8 leaves alone under bf16 autocast."""
 
     precision = "32-true"  # the master weights, the optimizer and the loss stay fp32
 
     def __init__(self, config: QuantConfig | Mapping[str, Any] | None = None,
-                 sync_range_bn: bool = False) -> None:
+                 sync_range_bn: bool = False, precision: str = "32-true") -> None:
         self.config = _as_config(config)
         self.sync_range_bn = sync_range_bn
+        self.precision = _check_precision(precision)
+        self._autocast = _Autocast(self.precision, FabricMixedPrecision)
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _convert(module, self.config, self.sync_range_bn)
+        _convert(module, self.config, self.sync_range_bn)
+        self._autocast.convert(module)
+        return module
+
+    def forward_context(self) -> AbstractContextManager:
+        return self._autocast.forward_context()
+
+    # convert_input stays the identity (MixedPrecision casts inputs to bf16): q8 quantizes
+    # them from float32, and autocast casts them where it computes in bf16
+
+    def convert_output(self, data: Any) -> Any:
+        """Floating-point outputs of an autocast forward back to float32, as MixedPrecision."""
+        if self.precision == "32-true":
+            return data
+        return self._autocast.plugin().convert_output(data)
 
 
 class Q8Precision(Precision):
-    """8-bit training by Banner et al. (2018) as `config` says, for the Lightning Trainer."""
+    """8-bit training by Banner et al. (2018) as `config` says, for the Lightning Trainer;
+    `precision="bf16-mixed"` runs the layers q8 leaves alone under bf16 autocast."""
 
     precision = "32-true"
 
     def __init__(self, config: QuantConfig | Mapping[str, Any] | None = None,
-                 sync_range_bn: bool = False) -> None:
+                 sync_range_bn: bool = False, precision: str = "32-true") -> None:
         super().__init__()
         self.config = _as_config(config)
         self.sync_range_bn = sync_range_bn
+        self.precision = _check_precision(precision)
+        self._autocast = _Autocast(self.precision, MixedPrecision)
         self._module: torch.nn.Module | None = None  # the converted module
 
     @classmethod
-    def from_checkpoint(cls, path: str) -> Q8Precision:
-        """The plugin with the QuantConfig a checkpoint was trained with."""
+    def from_checkpoint(cls, path: str, **kwargs) -> Q8Precision:
+        """The plugin with the QuantConfig a checkpoint was trained with (`kwargs`: the other
+        arguments, e.g. precision="bf16-mixed")."""
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         if cls.__qualname__ not in ckpt:
             raise ValueError(f"{path} was not saved with {cls.__qualname__}")
-        return cls(QuantConfig.from_dict(dict(ckpt[cls.__qualname__]["config"])))
+        return cls(QuantConfig.from_dict(dict(ckpt[cls.__qualname__]["config"])), **kwargs)
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Quantize the LightningModule, and add to its Trainer the callback that keeps its
+        checkpoints' hyper-parameters float."""
         self._module = _convert(module, self.config, self.sync_range_bn)
+        self._autocast.convert(module)
+        trainer = _trainer_of(module)
+        if trainer is not None and not any(isinstance(c, _FloatHyperParameters)
+                                           for c in trainer.callbacks):
+            trainer.callbacks.append(_FloatHyperParameters())
         return module
+
+    def forward_context(self) -> AbstractContextManager:
+        return self._autocast.forward_context()
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": _config_dict(self.config)}

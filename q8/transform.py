@@ -1,17 +1,21 @@
-"""quantize_model: rewrite a model in place so that it trains in 8 bits."""
+"""quantize_model: rewrite a model in place so that it trains in 8 bits; dequantize_model:
+undo it."""
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import functools
 import logging
+import types
 from collections import Counter
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from q8.config import QuantConfig
 from q8.kernels import Kernels
-from q8.layers import QuantLayerMixin, QuantMaxPool2d, QuantReLU, twin_class
+from q8.layers import ActRangeMixin, QuantLayerMixin, QuantMaxPool2d, QuantReLU, twin_class
 from q8.norm import QuantNormMixin, RangeNormMixin
 
 log = logging.getLogger("q8")
@@ -44,7 +48,7 @@ def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
         return None  # already quantized
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         return QuantLayerMixin
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         if cfg.bn == "range":
             return RangeNormMixin
         if cfg.act_bits is not None or cfg.grad_bits is not None or cfg.bn_param_bits:
@@ -62,8 +66,18 @@ def _swap(module: nn.Module, cfg: QuantConfig, kernels: Kernels) -> str | None:
         mixin = _twin_mixin(module, cfg)
         if mixin is None:
             return None
-        module.__class__ = twin_class(mixin, type(module))
+        base = type(module)
+        if isinstance(module, nn.SyncBatchNorm):
+            # a twin of BatchNorm2d, which q8 synchronises itself: when fit ends, Lightning's
+            # sync_batchnorm=True turns every SyncBatchNorm back into a new float BatchNorm
+            module.q8_original_class = base  # for dequantize_model
+            base = nn.BatchNorm2d
+        module.__class__ = twin_class(mixin, base)
     module._q8_setup(cfg, kernels)
+    if isinstance(module, RangeNormMixin) and "q8_original_class" in vars(module):
+        # SyncBatchNorm asked for the global batch's statistics: Range BN synced in its group
+        group = module.process_group
+        module.q8_sync = group if group is not None else "world"
     return type(module).__name__
 
 
@@ -79,12 +93,25 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     that keep 1-bit / 8-bit state for backward. Modules whose name matches a `config.skip`
     pattern stay as they are. The report is `model.q8_report` and is logged.
 
+    nn.SyncBatchNorm (Lightning's `sync_batchnorm=True` makes every BatchNorm one) becomes a
+    RangeBatchNorm2d synchronised across the ranks of its process group (q8.norm.set_range_bn_sync);
+    with `bn="batchnorm"` a QuantBatchNorm2d with per-replica statistics, and a warning: q8's
+    quantized BN does not synchronise. dequantize_model gives the SyncBatchNorm back.
+
     Every twin runs on the kernels of `config.backend` (q8.kernels), resolved here: a backend
     named explicitly that cannot run here raises q8.kernels.BackendUnavailable.
     """
     report = QuantReport(config)
     if not config.is_full_precision:
         _convert(model, "", config, Kernels(config.backend), report)
+    modules = dict(model.named_modules())
+    unsynced = [name for name, _, _ in report.replaced
+                if "q8_original_class" in vars(modules[name])
+                and not isinstance(modules[name], RangeNormMixin)]
+    if unsynced:
+        log.warning("q8: %d SyncBatchNorm layers became quantized BN with per-replica statistics "
+                    "(%s): q8's quantized BN does not synchronise across ranks; bn='range' does",
+                    len(unsynced), ", ".join(unsynced[:3]) + (", ..." if len(unsynced) > 3 else ""))
     model.q8_report = report
     log.info("%s", report.summary())
     return model
@@ -106,3 +133,102 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
         report.kept.append((name, old, "no quantized twin in q8"))
     for child_name, child in module.named_children():
         _convert(child, f"{name}.{child_name}" if name else child_name, cfg, kernels, report)
+
+
+# ---- back to float ------------------------------------------------------------------------
+
+_TWIN_TYPES = (ActRangeMixin, QuantReLU, QuantMaxPool2d)  # every twin is one of these
+_Q8_BUFFERS = ("act_range", "act_range_steps")  # ActRangeMixin's
+
+
+def dequantize_model(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Undo quantize_model, and return the float model: every q8 twin becomes its original
+    class again and loses q8's buffers (the running input ranges); q8's attributes and hooks
+    go from every module. It pickles and loads where q8 is not installed. `inplace=False`:
+    a copy sharing `model`'s parameters and buffers (no memory), `model` left quantized."""
+    if not inplace:
+        model = _shared_copy(model)
+    for module in model.modules():
+        twin = isinstance(module, _TWIN_TYPES)
+        original = vars(module).get("q8_original_class") or type(module)
+        for name in [k for k, v in vars(module).items() if _is_q8_attribute(twin, k, v)]:
+            del module.__dict__[name]
+        if twin:
+            for name in _Q8_BUFFERS:
+                module._buffers.pop(name, None)
+                module._non_persistent_buffers_set.discard(name)
+            module.__class__ = _float_class(original)
+        _drop_q8_hooks(module)
+    return model
+
+
+def holds_q8_state(model: nn.Module) -> bool:
+    """Whether any module of `model` is a q8 twin or holds q8's attributes or hooks (what
+    dequantize_model removes)."""
+    return any(isinstance(m, _TWIN_TYPES) or _q8_hooks(m)
+               or any(_is_q8_attribute(False, k, v) for k, v in vars(m).items())
+               for m in model.modules())
+
+
+def _shared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` that shares its tensors, and the q8 objects that
+    dequantize_model drops (a twin's kernels, a process group)."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        twin = isinstance(m, _TWIN_TYPES)
+        for t in [*m._parameters.values(), *m._buffers.values()]:
+            memo[id(t)] = t
+        for k, v in vars(m).items():
+            if isinstance(v, Tensor) or _is_q8_attribute(twin, k, v):
+                memo[id(v)] = v
+    return copy.deepcopy(model, memo)
+
+
+def _float_class(twin: type) -> type:
+    """The class a twin was made from: the first of its bases that is not q8's (a subclass of
+    a twin, e.g. QuantConv2d, or one of q8's mixins)."""
+    return next(c for c in twin.__mro__ if not issubclass(c, _TWIN_TYPES) and not _from_q8(c))
+
+
+def _from_q8(obj: object) -> bool:
+    """Whether obj is a class or function of q8's code, or an instance of one (unwrapping
+    partials, bound methods and torch's hook wrappers)."""
+    while True:
+        if isinstance(obj, functools.partial):
+            obj = obj.func
+        elif isinstance(obj, types.MethodType):
+            obj = obj.__func__
+        elif callable(getattr(obj, "hook", None)) and type(obj).__module__.startswith("torch"):
+            obj = obj.hook  # torch.nn.Module's _WrappedHook of a state-dict hook
+        else:
+            break
+    owner = obj if isinstance(obj, (type, types.FunctionType)) else type(obj)
+    name = getattr(owner, "__module__", None) or ""
+    return name == "q8" or name.startswith("q8.")
+
+
+def _is_q8_attribute(twin: bool, name: str, value: object) -> bool:
+    """q8's attributes: named q8_* (quantize_model's report, a twin's config...) and, on a
+    twin, any value of q8's code (its kernels, its specs). Another module keeps the q8 objects
+    its own code holds."""
+    return name.startswith(("q8_", "_q8_")) or (twin and _from_q8(value))
+
+
+def _q8_hooks(module: nn.Module) -> dict[str, list[int]]:
+    """The handles of q8's hooks on `module`, per hook dict (`_forward_hooks`, ...)."""
+    found: dict[str, list[int]] = {}
+    for name, hooks in vars(module).items():
+        if name.endswith("hooks") and isinstance(hooks, dict):
+            ids = [k for k, hook in hooks.items() if _from_q8(hook)]
+            if ids:
+                found[name] = ids
+    return found
+
+
+def _drop_q8_hooks(module: nn.Module) -> None:
+    dropped = {k for ids in _q8_hooks(module).values() for k in ids}
+    if dropped:  # from the hook dicts and their flag dicts (_forward_hooks_with_kwargs, ...)
+        for name, value in vars(module).items():
+            if "hooks" in name and isinstance(value, dict):
+                for k in dropped & value.keys():
+                    del value[k]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import tomllib
+from packaging.requirements import Requirement
 
 from tests.conftest import ROOT
 
@@ -13,8 +14,38 @@ APP_ONLY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "ti
             "torchvision", "sklearn", "matplotlib", "pandas"]
 
 
+NEWEST = {"torch": "2.15.0", "triton": "3.9.0", "lightning": "2.6.6"}  # the registry's, issue 29
+UPPER = ("<", "<=", "==", "===", "~=")  # operators that exclude later releases
+
+
 def _name(requirement: str) -> str:
     return requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0]
+
+
+def _requirements() -> list[tuple[str, str]]:
+    """(where, requirement) for the dependencies and every extra, as pyproject.toml writes them."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lists = {"dependencies": project["dependencies"],
+             **{f"[{k}]": v for k, v in project["optional-dependencies"].items()}}
+    return [(where, r) for where, reqs in lists.items() for r in reqs]
+
+
+def test_the_newest_torch_triton_and_lightning_releases_are_admitted():
+    """`pip install q8` (any extra) next to the newest torch, triton and Lightning keeps them."""
+    requirements = [(where, Requirement(r)) for where, r in _requirements()]
+    assert {"torch", "lightning"} <= {r.name for _, r in requirements}
+    for where, r in requirements:
+        if r.name in NEWEST:
+            assert r.specifier.contains(NEWEST[r.name]), f"{where}: {r} excludes {NEWEST[r.name]}"
+
+
+def test_every_upper_bound_says_why():
+    """An upper bound (or a pin) only with its reason, a comment on its line."""
+    lines = (ROOT / "pyproject.toml").read_text().splitlines()
+    for where, r in _requirements():
+        if any(spec.operator in UPPER for spec in Requirement(r).specifier):
+            line = next(line for line in lines if f'"{r}"' in line)
+            assert "#" in line.split(f'"{r}"', 1)[1], f"{where}: {r} without a reason"
 
 
 def test_the_library_requires_torch_and_ninja_only():
@@ -30,11 +61,18 @@ def test_q8_quantizes_and_trains_a_model_with_the_app_dependencies_unimportable(
     """`import q8` and a quantized training step, in a process where importing any of the
     application's dependencies fails (as after `pip install q8`)."""
     code = f"""
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
+import importlib.abc, importlib.machinery, sys
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # importing one fails as if it were not installed; importlib.util.find_spec, which
+    # torch._dynamo calls on import to list libraries without importing them, finds a spec
+    # with no origin, which it skips
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {APP_ONLY!r}:
-            raise ImportError("blocked: " + name)
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError("blocked: " + spec.name, name=spec.name)
+    def exec_module(self, module):
+        pass
 sys.meta_path.insert(0, Block())
 import torch
 import q8

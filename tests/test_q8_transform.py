@@ -1,6 +1,8 @@
 """quantize_model on timm models: what is replaced, what is kept, and that they train."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import timm
@@ -138,3 +140,76 @@ def test_saved_for_backward_bytes_are_at_most_0_4_of_fp32():
     print(f"resnet18 b128 32x32 saved for backward: fp32 {fp32 / 2**20:.1f} MiB, "
           f"q8 {q / 2**20:.1f} MiB, ratio {q / fp32:.3f}")
     assert q <= 0.40 * fp32
+
+
+class _RefuseQ8(pickle.Unpickler):
+    """Unpickles as a process without q8 would: any class or function of q8 fails."""
+
+    def find_class(self, module, name):
+        assert module.split(".")[0] != "q8", f"pickled q8 object: {module}.{name}"
+        return super().find_class(module, name)
+
+
+def _small():
+    from timm.layers import BatchNormAct2d, Conv2dSame
+
+    torch.manual_seed(0)
+    return nn.Sequential(Conv2dSame(3, 4, 3), BatchNormAct2d(4), nn.SyncBatchNorm(4),
+                         nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+
+def test_dequantize_model_gives_back_the_float_model():
+    """After training in 8 bits: the original classes, the float state_dict keys, no q8
+    attribute; it pickles without q8 and computes what the float model of its weights does.
+    inplace=False leaves the quantized model as it was and shares its tensors."""
+    model = quantize_model(_small(), QuantConfig(backend="reference"))
+    model(torch.randn(8, 3, 8, 8)).square().mean().backward()
+    assert q8.transform.holds_q8_state(model)
+    copy_ = q8.dequantize_model(model, inplace=False)
+    assert isinstance(model[0], q8.layers.QuantLayerMixin) and hasattr(model[6], "act_range")
+    assert copy_[0].weight is model[0].weight and copy_[2].running_var is model[2].running_var
+    for float_model in (copy_, q8.dequantize_model(model)):
+        assert [type(m) for m in float_model.modules()] == [type(m) for m in _small().modules()]
+        assert set(float_model.state_dict()) == set(_small().state_dict())
+        names = [k for m in float_model.modules() for k in vars(m)]
+        assert not [k for k in names if k.startswith(("q8_", "_q8_"))]
+        assert not q8.transform.holds_q8_state(float_model)
+        loaded = _RefuseQ8(io.BytesIO(pickle.dumps(float_model))).load()
+        ref = _small().eval()
+        ref.load_state_dict(float_model.state_dict())
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(loaded.eval()(x), ref(x))
+    assert model is q8.dequantize_model(model)  # in place, as quantize_model
+
+
+@pytest.mark.parametrize("bn", ["range", "batchnorm"])
+def test_sync_batchnorm_becomes_synchronised_range_bn(bn, caplog):
+    """Lightning's sync_batchnorm=True gives SyncBatchNorm: Range BN synced over its group
+    (per-replica quantized BN for bn="batchnorm", with a warning). On one process the sync is
+    a no-op: the same forward and backward as the BatchNorm2d twin."""
+    group = object()  # a stand-in process group: unused while torch.distributed is not set up
+    sync = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4),
+                         nn.SyncBatchNorm(4, process_group=group))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    plain.load_state_dict(sync.state_dict())
+    config = QuantConfig(backend="reference", bn=bn)
+    with caplog.at_level("WARNING", logger="q8"):
+        quantize_model(sync, config)
+    quantize_model(plain, config)
+    twin = q8.RangeBatchNorm2d if bn == "range" else q8.QuantBatchNorm2d
+    assert type(sync[1]) is type(sync[2]) is twin
+    if bn == "range":
+        assert sync[1].q8_sync == "world" and sync[2].q8_sync is group
+        assert "per-replica" not in caplog.text
+    else:
+        assert "q8_sync" not in vars(sync[1]) and "2 SyncBatchNorm layers" in caplog.text
+    x = torch.randn(8, 3, 6, 6)
+    outputs = []
+    for model in (sync, plain):
+        torch.manual_seed(1)  # the same stochastic rounding of the gradients
+        y = model(x)
+        y.square().mean().backward()
+        outputs.append((y, [p.grad for p in model.parameters()]))
+    assert torch.equal(outputs[0][0], outputs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0][1], outputs[1][1]))
+    assert type(q8.dequantize_model(sync)[1]) is nn.SyncBatchNorm
