@@ -72,6 +72,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_kwargs=resolved["model"]["kwargs"],
         optimizer=resolved["optimizer"],
         scheduler=resolved["scheduler"],
+        compile=bool(cfg.get("compile", False)),
     )
     check_model_input(module.model, datamodule)  # the model takes the data's images
 

@@ -5,6 +5,7 @@ the same model and input.
     python scripts/bench.py --model resnet50 --batch 256 --presets fp32,q8_bifurcated,q8
     python scripts/bench.py --device cuda --model resnet50 --image-size 224 \
         --gemm dequantized,codes,int8                        # a GPU: every GEMM mode, bf16 AMP
+    python scripts/bench.py --compile                        # eager and torch.compile'd
 
 Per preset: median step time (forward, backward, SGD step), its ratio to fp32 (and to bf16
 autocast, `bf16_amp`, with channels_last: what GPU users run), images/s,
@@ -15,6 +16,10 @@ Steps of all presets are interleaved, and the time ratio is the median over step
 step's time over the fp32 step just before it (with the interquartile range of those ratios):
 on a shared or virtual machine whose speed drifts by 10-20% within a minute, the pairs cancel
 the drift that a ratio of two medians keeps.
+
+With --compile every preset is timed twice, eager and torch.compile'd ("<preset> compiled"):
+a compiled preset's ratios are to compiled fp32 (and compiled bf16 AMP). Memory is measured on
+the eager models only.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ def load_preset(name: str) -> q8.QuantConfig:
 
 
 AMP = "bf16_amp"  # fp32 weights, bf16 autocast: the baseline of GPU training
+COMPILED = "compiled"  # the suffix of a preset's torch.compile'd twin (--compile)
+
+
+def ratio_or_none(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
 
 
 def build(model_name: str, config: q8.QuantConfig, num_classes: int, device: str,
@@ -149,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="q8's kernels (QuantConfig.backend); auto = the device's fastest")
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every preset under torch.compile, against compiled fp32")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of one step per preset")
     args = p.parse_args(argv)
@@ -167,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
             name = preset if modes == ["dequantized"] else f"{preset}[{mode}]"
             configs[name] = dataclasses.replace(load_preset(preset), backend=args.backend,
                                                 gemm=mode)
+    if args.compile:
+        configs |= {f"{n} {COMPILED}": c for n, c in configs.items()}
     names = list(configs)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(dev)
@@ -175,10 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to(dev)
     models = {n: build(args.model, c, args.num_classes, dev, channels_last)
               for n, c in configs.items()}
+    for n, m in models.items():
+        if n.endswith(COMPILED):
+            m.compile()  # in place: traced at the first step, in the warm-up
     opts = {n: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for n, m in models.items()}
 
     def loss_of(name: str) -> torch.Tensor:
-        with torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=name == AMP):
+        with torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=name.startswith(AMP)):
             return nn.functional.cross_entropy(models[name](x), y)
 
     def step(name: str) -> float:
@@ -193,10 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    results: dict[str, dict] = {n: {"preset": n, "config": "bf16 autocast" if n == AMP else
-                                    configs[n].short_str() + f" gemm={configs[n].gemm}"}
+    results: dict[str, dict] = {n: {"preset": n, "config": "bf16 autocast" if n.startswith(AMP)
+                                    else configs[n].short_str() + f" gemm={configs[n].gemm}"}
                                 for n in names}
     for n in names:  # memory first, one preset at a time, before the timing warms caches
+        if n.endswith(COMPILED):
+            results[n]["saved_bytes"] = results[n]["peak_bytes"] = None
+            continue
         r = results[n]
         r["saved_bytes"] = saved_bytes(models[n], lambda n=n: loss_of(n))
         step(n)  # the optimizer's state exists from the first step on
@@ -233,21 +253,21 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n== {n}: where one step's time goes")
             print(prof.key_averages().table(sort_by=key, row_limit=15))
 
-    base = results["fp32"]
     for n in names:
         r = results[n]
         r["step_ms"] = statistics.median(times[n]) * 1e3
         r["images_per_s"] = args.batch / (r["step_ms"] / 1e3)
     for n in names:
         r = results[n]
-        r["step_ratio"], r["step_ratio_iqr"] = paired_ratio(times[n], times["fp32"])
-        r["step_ratio_of_medians"] = r["step_ms"] / base["step_ms"]
-        r["saved_ratio"] = r["saved_bytes"] / base["saved_bytes"]
-        r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None
+        suffix = f" {COMPILED}" if n.endswith(COMPILED) else ""  # compiled against compiled
+        fp32, bf16 = "fp32" + suffix, AMP + suffix
+        r["step_ratio"], r["step_ratio_iqr"] = paired_ratio(times[n], times[fp32])
+        r["step_ratio_of_medians"] = r["step_ms"] / results[fp32]["step_ms"]
+        r["saved_ratio"] = ratio_or_none(r["saved_bytes"], results["fp32"]["saved_bytes"])
+        r["peak_ratio"] = ratio_or_none(r["peak_bytes"], results["fp32"]["peak_bytes"])
         if amp:  # against the baseline GPU users run
-            r["amp_step_ratio"], r["amp_step_ratio_iqr"] = paired_ratio(times[n], times[AMP])
-            peak = results[AMP]["peak_bytes"]
-            r["amp_peak_ratio"] = r["peak_bytes"] / peak if peak else None
+            r["amp_step_ratio"], r["amp_step_ratio_iqr"] = paired_ratio(times[n], times[bf16])
+            r["amp_peak_ratio"] = ratio_or_none(r["peak_bytes"], results[AMP]["peak_bytes"])
 
     threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if on_cuda else f"CPU, {threads} threads"
@@ -265,17 +285,19 @@ def main(argv: list[str] | None = None) -> dict:
     def ratio(value: float, iqr: list[float]) -> str:
         return f"{value:.2f} ({iqr[0]:.2f}-{iqr[1]:.2f})"
 
-    def maybe(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+    def maybe(value: float | None, digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    def mib(value: int | None) -> str:
+        return "-" if value is None else f"{value / 2**20:.1f}"
 
     for n in names:
         r = results[n]
         cells = [n, f"{r['step_ms']:.1f}", ratio(r["step_ratio"], r["step_ratio_iqr"])]
         if amp:
             cells.append(ratio(r["amp_step_ratio"], r["amp_step_ratio_iqr"]))
-        cells += [f"{r['images_per_s']:.0f}", f"{r['saved_bytes'] / 2**20:.1f}",
-                  f"{r['saved_ratio']:.3f}", f"{r['peak_bytes'] / 2**20:.1f}",
-                  maybe(r["peak_ratio"])]
+        cells += [f"{r['images_per_s']:.0f}", mib(r["saved_bytes"]), maybe(r["saved_ratio"], 3),
+                  mib(r["peak_bytes"]), maybe(r["peak_ratio"])]
         if amp:
             cells.append(maybe(r["amp_peak_ratio"]))
         print("| " + " | ".join(cells) + " |")

@@ -36,7 +36,8 @@ def _quantized(model: nn.Module, backend: str, **config) -> nn.Module:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow),
+                                  "vit_tiny_patch16_224"])
 def test_a_quantized_timm_model_traces_as_one_graph(backend, name):
     """Dynamo captures the whole forward: conv, linear, Range BN, ReLU, max-pool, attention
     and their autograd functions, with no graph break."""
@@ -126,3 +127,20 @@ def test_fullgraph_compile_trains_the_timm_models(backend, name):
         opt.step()
         opt.zero_grad()
         assert torch.isfinite(_step(compiled, x, y))
+
+
+@pytest.mark.slow
+def test_the_app_trains_a_compiled_model(tiny_config, tmp_path):
+    """compile=true: the plugin quantizes the backbone, torch.compile traces it at its first
+    step, and the run trains, validates and tests (timm's tiny test_resnet keeps it short)."""
+    from train import train
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    metrics = train(tiny_config("compile=true", "model=timm", "model.name=test_resnet",
+                                run_dir=tmp_path / "run"))
+    assert counters["stats"]["unique_graphs"] >= 1  # Dynamo compiled the backbone
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items()
+               if isinstance(v, float))
+    assert "test/acc" in metrics

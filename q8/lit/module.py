@@ -18,6 +18,8 @@ class ClassifierModule(L.LightningModule):
     """Image classifier on a timm backbone, in float: the Q8Precision plugin quantizes it.
 
     `optimizer` and `scheduler` are the keyword settings of q8.lit.optim's factories.
+    `compile=True` compiles the backbone with torch.compile (in place: the state dict keeps its
+    keys); it is traced at its first call, after the plugin has quantized it.
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class ClassifierModule(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
@@ -47,6 +50,12 @@ class ClassifierModule(L.LightningModule):
         )
         self.model = create_backbone(model_name, num_classes, in_chans, small_input, model_kwargs)
         self.start_step = 0
+        self.compile_backbone = compile
+
+    def setup(self, stage: str) -> None:
+        if self.compile_backbone:  # once: fit's setup, or test's without a fit
+            self.model.compile()
+            self.compile_backbone = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
