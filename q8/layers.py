@@ -9,6 +9,8 @@ standardisation) and its own Linear keep their behaviour, quantized around it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,21 @@ class _Reroute(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def float32_under_autocast(forward: Callable) -> Callable:
+    """A q8 layer quantizes and multiplies in float32 (its GEMM mode chooses its operands'
+    types): under autocast it runs with autocast off, on its input widened to float32 (exact
+    from bf16 or fp16). Autocast would run its GEMMs in bf16 on the dequantized values."""
+
+    @functools.wraps(forward)
+    def run(self: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
+        if not (isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type)):
+            return forward(self, x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x.float() if x.is_floating_point() else x, *args, **kwargs)
+
+    return run
+
+
 class QuantLayerMixin(ActRangeMixin):
     """Shared by the conv and linear twins: quantized input, weight and bifurcated gradients."""
 
@@ -97,6 +114,7 @@ class QuantLayerMixin(ActRangeMixin):
         self.q8_spec = LayerSpec(config.act_bits, config.weight_bits, config.per_channel_weights,
                                  grad, config.gemm)
 
+    @float32_under_autocast
     def forward(self, x: Tensor) -> Tensor:
         with _Reroute(self):
             return super().forward(x)

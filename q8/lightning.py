@@ -31,9 +31,10 @@ is torch's) and q8 turns each SyncBatchNorm into synchronised Range BN.
 Precision. Lightning refuses a `precision` given beside the plugin
 (`Trainer(precision="bf16-mixed", plugins=[Q8Precision()])` raises "Received both ... Choose
 one"): give it to the plugin, `Q8Precision(config, precision="bf16-mixed")`. With "bf16-mixed"
-the steps run under bf16 autocast, as Lightning's MixedPrecision runs them, except q8's
-quantized layers (conv, linear, BN), which run with autocast off on float32 inputs: what q8
-leaves alone (attention's products, layers in `config.skip`, ...) runs in bf16. The default,
+the steps run under bf16 autocast, as Lightning's MixedPrecision runs them; q8's quantized
+layers (conv, linear, BN) leave autocast and quantize their float32 inputs, as they do under
+any autocast (q8.layers.float32_under_autocast): what q8 leaves alone (attention's products,
+layers in `config.skip`, ...) runs in bf16. The default,
 "32-true", runs everything in float32. Master weights and the optimizer stay fp32 either way.
 
 Works with the Trainer and Fabric on one device and under DDP; not with strategies that shard
@@ -46,7 +47,6 @@ Imports Lightning: the rest of q8 does not need it.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -59,7 +59,6 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
 from q8.config import QuantConfig
-from q8.layers import ActRangeMixin
 from q8.norm import set_range_bn_sync
 from q8.transform import dequantize_model, holds_q8_state, quantize_model
 
@@ -118,28 +117,7 @@ def _check_precision(precision: str) -> str:
     return precision
 
 
-# ---- bf16 autocast around q8's layers --------------------------------------------------------
-
-
-def _float32_forward(module: torch.nn.Module, x: Any, *args, **kwargs) -> Any:
-    """A q8 layer's forward with autocast off, on a float32 input: q8 quantizes and multiplies
-    in float32 (its GEMM modes choose their own operand types), and autocast would run those
-    GEMMs in bf16 on the dequantized values."""
-    if not isinstance(x, torch.Tensor):
-        return type(module).forward(module, x, *args, **kwargs)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        x = x.float()
-    with torch.autocast(x.device.type, enabled=False):
-        return type(module).forward(module, x, *args, **kwargs)
-
-
-def _float32_islands(module: torch.nn.Module) -> None:
-    """Every quantized layer (conv, linear, BN) of `module` runs _float32_forward: an instance
-    attribute, which torch.compile traces (hooks that enter and leave autocast it does not);
-    dequantize_model removes it."""
-    for m in module.modules():
-        if isinstance(m, ActRangeMixin) and "forward" not in vars(m):
-            m.forward = functools.partial(_float32_forward, m)
+# ---- bf16 autocast for what q8 leaves alone (q8's layers leave autocast themselves) --------
 
 
 class _Autocast:
@@ -160,8 +138,6 @@ class _Autocast:
 
     def convert(self, module: torch.nn.Module) -> None:
         self.module = module
-        if self.precision != "32-true":
-            _float32_islands(module)
 
     def forward_context(self) -> AbstractContextManager:
         return nullcontext() if self.precision == "32-true" else self.plugin().forward_context()

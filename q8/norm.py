@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from q8.config import QuantConfig
 from q8.functional import GradSpec, fake_quantize
 from q8.kernels import Kernels
-from q8.layers import _TWINS, ActRangeMixin
+from q8.layers import _TWINS, ActRangeMixin, float32_under_autocast
 
 
 @functools.lru_cache(maxsize=4096)
@@ -262,6 +262,7 @@ class QuantNormMixin(ActRangeMixin):
         return QuantBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, self.eps, cfg.act_bits,
                                self.q8_grad, self.q8_kernels)
 
+    @float32_under_autocast
     def forward(self, x: Tensor) -> Tensor:
         y = self._q8_normalize(x)
         if isinstance(getattr(self, "act", None), nn.Module):  # timm BatchNormAct2d
