@@ -8,6 +8,8 @@
 #                 and q8_bifurcated in every GEMM mode (step time, img/s, peak memory, saved)
 #   curves.json   scripts/gemm_curves.py: 300 seeded steps per GEMM mode and seed (resnet18)
 #   train.txt     python train.py trainer=gpu logger=csv, one epoch on digits
+#   bench_compile.txt/.json  scripts/bench.py --compile: fp32, bf16 AMP and q8_bifurcated, eager
+#                 and torch.compile'd (last: compiling may use the rest of the time)
 #
 # Before the call, here: bash scripts/gpu_wheels.sh (Hydra, which the device image lacks);
 # then carry `.whl`:  device run --carry .whl "bash scripts/gpu_check.sh"
@@ -45,3 +47,5 @@ step curves 90 "$py" scripts/gemm_curves.py --device cuda --steps 300 --seeds 0,
 cp /tmp/curves/verdict.json "$OUT/curves.json" 2>/dev/null
 step train 60 "$py" train.py trainer=gpu logger=csv trainer.max_epochs=1 \
     hydra.run.dir=/tmp/q8-gpu-run
+step bench_compile 150 "$py" scripts/bench.py --device cuda --model resnet50 --image-size 224 \
+    --batch 128 --compile --steps 10 --warmup 3 --json "$OUT/bench_compile.json"
