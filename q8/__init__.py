@@ -2,6 +2,7 @@
 
 from q8.config import QuantConfig
 from q8.functional import fake_quantize
+from q8.gemm_coverage import Coverage, coverage
 from q8.kernels import BackendUnavailable, use_backend
 from q8.layers import QuantConv2d, QuantLinear, QuantMaxPool2d, QuantReLU
 from q8.norm import QuantBatchNorm2d, RangeBatchNorm2d, d2, set_range_bn_sync
@@ -9,6 +10,7 @@ from q8.transform import QuantReport, dequantize_model, quantize_model
 
 __all__ = [
     "BackendUnavailable",
+    "Coverage",
     "QuantBatchNorm2d",
     "QuantConfig",
     "QuantConv2d",
@@ -17,6 +19,7 @@ __all__ = [
     "QuantReLU",
     "QuantReport",
     "RangeBatchNorm2d",
+    "coverage",
     "d2",
     "dequantize_model",
     "fake_quantize",

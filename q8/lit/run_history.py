@@ -36,8 +36,9 @@ RESULT_FILE = "metrics.json"
 def final_metrics(trainer: Any, fit: Mapping[str, float], test: Mapping[str, float],
                   **about: Any) -> dict[str, Any]:
     """metrics.json's contents: the last train and val metrics of fit (`fit`, the trainer's
-    callback_metrics after fit), the best val accuracy, the test metrics, where training
-    stopped, then `about` (the run's quant, model, data, seed, ...). Accuracies are fractions."""
+    callback_metrics after fit), the best val accuracy, the test metrics, the first step's GEMM
+    coverage (coverage/*), where training stopped, then `about` (the run's quant, model, data,
+    seed, ...). Accuracies are fractions."""
     def last(name: str) -> float | None:
         value = fit.get(f"{name}_epoch", fit.get(name))
         return None if value is None else float(value)
@@ -48,6 +49,7 @@ def final_metrics(trainer: Any, fit: Mapping[str, float], test: Mapping[str, flo
         "val/acc_best": None if best is None else float(best),
         **{key: (float(test[key]) if key in test else None) for key in ("test/loss", "test/acc")},
         "accuracy_unit": "fraction",
+        **{key: float(value) for key, value in fit.items() if key.startswith("coverage/")},
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         **about,

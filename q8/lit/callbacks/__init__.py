@@ -1,14 +1,15 @@
 """Lightning callbacks of the q8 application, configured in conf/callbacks/.
 
 The standard ones (checkpointing, progress) come from Lightning; q8-specific callbacks
-(per-layer quantization error and gradient statistics) live in this package.
+(per-layer quantization error and gradient statistics, GEMM coverage) live in this package.
 """
 
 from importlib import import_module
 from typing import Any
 
 # imported on use: Lightning is slow to import
-_EXPORTS = {"QuantStatsCallback": "q8.lit.callbacks.quant_stats"}
+_EXPORTS = {"QuantStatsCallback": "q8.lit.callbacks.quant_stats",
+            "CoverageCallback": "q8.lit.callbacks.coverage"}
 
 __all__ = sorted(_EXPORTS)
 
