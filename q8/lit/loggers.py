@@ -41,8 +41,10 @@ def finish_loggers(loggers: list[Any], metrics: Mapping[str, Any]) -> None:
     """Put the final metrics in each W&B run's summary (`final/<key>`) and close the run."""
     from lightning.pytorch.loggers import WandbLogger
 
+    from q8.lit.lightning_internals import wandb_run_started
+
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and wandb_run_started(logger):
             summary = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             logger.experiment.summary.update({f"final/{k}": v for k, v in summary.items()})
             logger.experiment.finish()
