@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         wall_time_s=round(time.time() - start, 2),
         quant=cfg.get("quant_name"),
         quant_label=quant.short_str(),
-        quant_config={**quant.to_dict(), "skip": list(quant.skip)},
+        quant_config=quant.to_dict(),
         model=cfg.model.name,
         data=_choice("data"),
         experiment=cfg.get("experiment_name"),

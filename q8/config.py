@@ -5,21 +5,24 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from q8.gemm import MODES as GEMM_MODES
+from q8.kernels import BACKENDS
+
 ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
-BACKENDS = ("auto", "reference", "cpu", "cuda")  # q8.kernels
-GEMMS = ("dequantized", "codes", "int8")  # q8.gemm
 MIN_BITS, MAX_BITS = 2, 16
 
 
-def _check_bits(name: str, value: Any) -> None:
-    if value is None:
+def check_bits(name: str, value: Any, optional: bool = True) -> None:
+    """Raise ValueError naming `name` unless value is an integer in MIN_BITS..MAX_BITS (or None
+    where `optional`: that tensor stays in full precision)."""
+    if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        none = ", or None to keep that tensor in full precision" if optional else ""
         raise ValueError(
-            f"QuantConfig.{name}={value!r} is invalid: bits must be an integer in "
-            f"{MIN_BITS}..{MAX_BITS}, or None to keep that tensor in full precision"
+            f"{name}={value!r} is invalid: bits must be an integer in {MIN_BITS}..{MAX_BITS}{none}"
         )
 
 
@@ -56,12 +59,12 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits"):
-            _check_bits(name, getattr(self, name))
+            check_bits(f"QuantConfig.{name}", getattr(self, name))
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _check_choice("bn", self.bn, BN_TYPES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
-        _check_choice("gemm", self.gemm, GEMMS)
+        _check_choice("gemm", self.gemm, GEMM_MODES)
         if self.wgrad_bits is not None and (
             self.grad_bits is None or self.wgrad_bits < self.grad_bits
         ):
@@ -104,7 +107,8 @@ class QuantConfig:
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as plain values (`skip` a list): JSON, YAML and from_dict take it."""
+        return {**asdict(self), "skip": list(self.skip)}
 
     @property
     def is_full_precision(self) -> bool:

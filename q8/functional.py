@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from q8 import gemm
+from q8.config import check_bits
 from q8.gemm import Geometry, Operand
 from q8.kernels import Kernels
 from q8.kernels.reference import draw_seed, fake_quant, minmax
@@ -170,6 +171,5 @@ def fake_quantize(
     """
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding={rounding!r} is invalid: valid choices are nearest, stochastic")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
-        raise ValueError(f"bits={bits!r} is invalid: bits must be an integer in 2..16")
+    check_bits("bits", bits, optional=False)
     return _FakeQuantizeSTE.apply(x, bits, rounding, dim, generator)

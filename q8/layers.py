@@ -68,6 +68,17 @@ class ActRangeMixin:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def explicit_padding(x: Tensor, padding: int | tuple | str, dilation: tuple,
+                     kernel_size: tuple) -> tuple[Tensor, int | tuple]:
+    """A conv's padding as integers: "valid" is none, "same" pads x itself (as F.conv2d does,
+    the odd pixel at the end); integer padding is returned as it is."""
+    if padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
+                      total[0] // 2, total[0] - total[0] // 2))
+    return x, ((0, 0) if isinstance(padding, str) else padding)
+
+
 def _pair(v: int | tuple) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
@@ -130,14 +141,7 @@ class QuantLayerMixin(ActRangeMixin):
                    stride: int | tuple = 1, padding: int | tuple | str = 0,
                    dilation: int | tuple = 1, groups: int = 1) -> Tensor:
         dilation = _pair(dilation)
-        if isinstance(padding, str):  # "valid" / "same": make it explicit integer padding
-            if padding == "valid":
-                padding = (0, 0)
-            else:
-                total = [d * (k - 1) for d, k in zip(dilation, weight.shape[-2:])]
-                x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
-                              total[0] // 2, total[0] - total[0] // 2))
-                padding = (0, 0)
+        x, padding = explicit_padding(x, padding, dilation, weight.shape[-2:])
         spec = dataclasses.replace(self.q8_spec, stride=_pair(stride), padding=_pair(padding),
                                    dilation=dilation, groups=groups)
         return self._q8_apply(x, weight, bias, spec)

@@ -67,10 +67,6 @@ log = logging.getLogger("q8")
 PRECISIONS = ("32-true", "bf16-mixed")  # what the plugins take as `precision`
 
 
-def _config_dict(config: QuantConfig) -> dict[str, Any]:
-    return {**config.to_dict(), "skip": list(config.skip)}
-
-
 def _as_config(config: QuantConfig | Mapping[str, Any] | None) -> QuantConfig:
     """A QuantConfig from itself, its dict (a Hydra config's `quant` node), or None (the
     default, q8_bifurcated)."""
@@ -264,7 +260,7 @@ class Q8Precision(Precision):
         return self._autocast.forward_context()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": _config_dict(self.config)}
+        return {"config": self.config.to_dict()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Move the q8 buffers out of the model's state into this plugin's entry."""
@@ -277,9 +273,9 @@ class Q8Precision(Precision):
         """After the conversion: the q8 buffers back into the model; a config that differs
         from the one trained with is reported (the plugin's own config is used)."""
         saved = dict(state_dict.get("config", {}))
-        if saved and saved != _config_dict(self.config):
-            changed = sorted(k for k in saved.keys() | _config_dict(self.config).keys()
-                             if saved.get(k) != _config_dict(self.config).get(k))
+        if saved and saved != self.config.to_dict():
+            changed = sorted(k for k in saved.keys() | self.config.to_dict().keys()
+                             if saved.get(k) != self.config.to_dict().get(k))
             log.warning("q8: this checkpoint was trained with another QuantConfig (%s differ)",
                         ", ".join(changed))
         buffers = state_dict.get("buffers", {})

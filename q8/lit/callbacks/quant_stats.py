@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
-from q8.layers import QuantLayerMixin
+from q8.layers import QuantLayerMixin, explicit_padding
 from q8.lit.callbacks.quant_metrics import act_outside_frac, cosine, quant_error, tensor_stats
 from q8.norm import QuantNormMixin
 
@@ -89,13 +88,7 @@ def _fp32_weight_grad(module: nn.Module, x: Tensor, g: Tensor) -> Tensor | None:
     w = module.weight
     if isinstance(module, nn.Linear):
         return g.reshape(-1, g.shape[-1]).T.float() @ x.reshape(-1, x.shape[-1]).float()
-    padding = module.padding
-    if isinstance(padding, str):  # as q8 does: explicit padding for "same"
-        if padding == "same":
-            total = [d * (k - 1) for d, k in zip(module.dilation, w.shape[-2:])]
-            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
-                          total[0] // 2, total[0] - total[0] // 2))
-        padding = (0, 0)
+    x, padding = explicit_padding(x, module.padding, module.dilation, w.shape[-2:])
     if module.padding_mode != "zeros":
         return None
     try:
