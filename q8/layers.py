@@ -114,6 +114,57 @@ def float32_under_autocast(forward: Callable) -> Callable:
     return run
 
 
+_IN_Q8_GEMM = [0]  # q8 GEMM calls running: inside one, a weight-reading module routes nothing
+
+
+class _RerouteWeights(TorchFunctionMode):
+    """Inside the forward of a module whose own code reads a twin's weight, F.linear / F.conv2d
+    on that weight run the twin's quantized GEMM (timm's BEiT, EVA and SwinV2 attention call
+    F.linear(x, self.qkv.weight, qkv_bias) to add their own q and v biases)."""
+
+    def __init__(self, twins: list[QuantLayerMixin]) -> None:
+        super().__init__()
+        self.twins = twins
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if (func is F.linear or func is F.conv2d) and not _IN_Q8_GEMM[0]:
+            names = _LINEAR_ARGS if func is F.linear else _CONV_ARGS
+            call = dict(zip(names, args)) | kwargs
+            for twin in self.twins:
+                if call["weight"] is twin.weight:
+                    x = call.pop("input")
+                    return (twin._q8_linear if func is F.linear else twin._q8_conv2d)(x, **call)
+        return func(*args, **kwargs)
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+class WeightReaderMixin:
+    """A module whose own forward reads a quantized child's weight (F.linear(x,
+    self.qkv.weight, ...)): its forward runs those GEMMs through the child's twin."""
+
+    twin_prefix = "Q8"
+
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        pass
+
+    def forward(self, *args, **kwargs) -> object:
+        twins = [m for m in self.children() if isinstance(m, QuantLayerMixin)]
+        with _RerouteWeights(twins):
+            return super().forward(*args, **kwargs)
+
+
+def reads_child_weights(module: nn.Module) -> bool:
+    """Whether `module` has a conv/linear twin among its children and its own forward reads an
+    attribute named `weight`: it may hand that twin's weight to F.linear / F.conv2d itself."""
+    code = getattr(type(module).forward, "__code__", None)
+    return (code is not None and "weight" in code.co_names
+            and any(isinstance(m, QuantLayerMixin) for m in module.children()))
+
+
 class QuantLayerMixin(ActRangeMixin):
     """Shared by the conv and linear twins: quantized input, weight and bifurcated gradients."""
 
@@ -132,7 +183,11 @@ class QuantLayerMixin(ActRangeMixin):
 
     def _q8_apply(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec) -> Tensor:
         lo, hi = self._q8_input_range(x) if spec.act_bits is not None else (None, None)
-        return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec, self.q8_kernels)
+        _IN_Q8_GEMM[0] += 1
+        try:
+            return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec, self.q8_kernels)
+        finally:
+            _IN_Q8_GEMM[0] -= 1
 
     def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._q8_apply(x, weight, bias, self.q8_spec)

@@ -15,7 +15,15 @@ from torch import Tensor, nn
 
 from q8.config import QuantConfig
 from q8.kernels import Kernels
-from q8.layers import ActRangeMixin, QuantLayerMixin, QuantMaxPool2d, QuantReLU, twin_class
+from q8.layers import (
+    ActRangeMixin,
+    QuantLayerMixin,
+    QuantMaxPool2d,
+    QuantReLU,
+    WeightReaderMixin,
+    reads_child_weights,
+    twin_class,
+)
 from q8.norm import QuantNormMixin, RangeNormMixin
 
 log = logging.getLogger("q8")
@@ -91,7 +99,9 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     Every nn.Conv2d and nn.Linear (subclasses too) becomes its quantized twin, every
     BatchNorm2d (timm's BatchNormAct2d too) Range BN or quantized BN, ReLU and MaxPool2d twins
     that keep 1-bit / 8-bit state for backward. Modules whose name matches a `config.skip`
-    pattern stay as they are. The report is `model.q8_report` and is logged.
+    pattern stay as they are. The report is `model.q8_report` and is logged. A module whose
+    own forward hands a twin's weight to F.linear / F.conv2d (timm's BEiT, EVA and SwinV2
+    attention with its qkv) becomes a Q8 twin that sends that call to the twin's 8-bit GEMM.
 
     nn.SyncBatchNorm (Lightning's `sync_batchnorm=True` makes every BatchNorm one) becomes a
     RangeBatchNorm2d synchronised across the ranks of its process group (q8.norm.set_range_bn_sync);
@@ -104,6 +114,11 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     report = QuantReport(config)
     if not config.is_full_precision:
         _convert(model, "", config, Kernels(config.backend), report)
+        for name, module in model.named_modules():  # timm's BEiT/EVA: F.linear(x, qkv.weight)
+            if not isinstance(module, _TWIN_TYPES) and reads_child_weights(module):
+                old = type(module).__name__
+                module.__class__ = twin_class(WeightReaderMixin, type(module))
+                report.replaced.append((name, old, type(module).__name__))
     modules = dict(model.named_modules())
     unsynced = [name for name, _, _ in report.replaced
                 if "q8_original_class" in vars(modules[name])
@@ -137,7 +152,7 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
 
 # ---- back to float ------------------------------------------------------------------------
 
-_TWIN_TYPES = (ActRangeMixin, QuantReLU, QuantMaxPool2d)  # every twin is one of these
+_TWIN_TYPES = (ActRangeMixin, QuantReLU, QuantMaxPool2d, WeightReaderMixin)  # every twin
 _Q8_BUFFERS = ("act_range", "act_range_steps")  # ActRangeMixin's
 
 

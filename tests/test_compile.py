@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from q8 import QuantConfig, quantize_model
@@ -144,3 +145,25 @@ def test_the_app_trains_a_compiled_model(tiny_config, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items()
                if isinstance(v, float))
     assert "test/acc" in metrics
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_module_reading_a_twin_s_weight_compiles_as_one_graph(backend):
+    """timm's BEiT pattern, F.linear(x, self.qkv.weight, ...) sent to the twin inside the
+    parent's forward, traces with fullgraph and gives eager's output."""
+    torch.manual_seed(0)
+
+    class ReadsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            return F.linear(x, self.qkv.weight, self.qkv.bias).relu()
+
+    eager = _quantized(ReadsWeight(), backend)
+    compiled_model = copy.deepcopy(eager)
+    x = torch.randn(4, 10, 16)
+    torch._dynamo.reset()
+    out = torch.compile(compiled_model, fullgraph=True)(x)
+    assert torch.equal(eager(x), out) and int(compiled_model.qkv.act_range_steps) == 1

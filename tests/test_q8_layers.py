@@ -3,10 +3,15 @@ element for ReLU's mask, one byte per output for the pool's argmax), on each ker
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import q8
+from q8 import QuantConfig, quantize_model
 from q8.functional import MaxPool2dFn, ReLUFn
 from q8.kernels import Kernels
 from tests.conftest import device_of
@@ -69,3 +74,42 @@ def test_max_pool_on_planes_of_2_to_23_values_or_more_stays_exact(backend) -> No
     ya.backward(gy)
     yb.backward(gy)
     assert torch.equal(ya, yb) and torch.equal(xa.grad, xb.grad)
+
+
+class ReadsWeights(nn.Module):
+    """timm's BEiT attention: its forward hands its qkv layer's weight to F.linear itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, image):
+        y = F.linear(input=x, weight=self.qkv.weight, bias=self.qkv.bias)
+        return y, F.conv2d(image, self.conv.weight, None, 1, "same")
+
+
+@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(weight_bits=None)],
+                         ids=["paper", "fp32-weights"])
+def test_functional_calls_on_a_twin_s_weight_run_its_quantized_gemm(config):
+    """The F.linear / F.conv2d calls in the parent's code run the twins' bifurcated GEMMs: the
+    same outputs and gradients as calling the twins, each quantized once per call (with fp32
+    weights too, where the GEMM inside receives the weight itself)."""
+    torch.manual_seed(0)
+    model = quantize_model(ReadsWeights(), config)
+    assert type(model).__name__ == "Q8ReadsWeights"
+    twin = copy.deepcopy(model)
+    x, image = torch.randn(4, 10, 16, requires_grad=True), torch.randn(2, 3, 8, 8)
+    torch.manual_seed(1)
+    y, z = model(x, image)
+    (y.sum() + z.sum()).backward()
+    torch.manual_seed(1)
+    y_ref = twin.qkv(x.detach())
+    z_ref = twin.conv._q8_conv2d(image, twin.conv.weight, None, 1, "same")
+    (y_ref.sum() + z_ref.sum()).backward()
+    assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
+    assert torch.equal(model.qkv.weight.grad, twin.qkv.weight.grad)
+    assert torch.equal(model.conv.weight.grad, twin.conv.weight.grad)
+    assert int(model.qkv.act_range_steps) == int(model.conv.act_range_steps) == 1
+    float_model = q8.dequantize_model(model)
+    assert type(float_model) is ReadsWeights and type(float_model.qkv) is nn.Linear
