@@ -106,3 +106,14 @@ def test_the_app_reports_coverage_at_the_first_step(preset, share, tiny_config, 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["coverage/forward_share"] == share
     assert metrics["coverage/backward_share"] == share
+
+
+def test_the_coverage_table_script_writes_one_row_per_model(load_script, tmp_path):
+    table = load_script("coverage_table")
+    out = tmp_path / "c.md"
+    rows = table.main(["--models", "test_resnet,test_vit", "--out", str(out)])
+    assert [r["model"] for r in rows] == ["test_resnet", "test_vit"]
+    assert rows[0]["forward"] == rows[0]["backward"] == 1.0  # a CNN: every GEMM in 8 bits
+    assert rows[1]["forward"] < 1.0 and "Attention" in rows[1]["full_precision"]
+    text = out.read_text()
+    assert "| test_resnet |" in text and "| test_vit |" in text
