@@ -19,7 +19,8 @@ the drift that a ratio of two medians keeps.
 
 With --compile every preset is timed twice, eager and torch.compile'd ("<preset> compiled"):
 a compiled preset's ratios are to compiled fp32 (and compiled bf16 AMP). Memory is measured on
-the eager models only.
+the eager models only. q8 is the installed package (make setup: pip install -e .); the presets
+are read from this repository's conf/quant/.
 """
 
 from __future__ import annotations
@@ -39,11 +40,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import q8
+from q8.kernels import BACKENDS, Kernels
 
-import q8  # noqa: E402
-from q8.kernels import BACKENDS, Kernels  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # conf/quant/*.yaml: the presets train.py uses
 
 
 def load_preset(name: str) -> q8.QuantConfig:

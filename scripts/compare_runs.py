@@ -10,6 +10,9 @@ Lightning's CSVLogger writes beside W&B, csv/version_<n>/ for each launch (read 
 q8.lit.run_history, without a network). An online run is read with W&B's public API. Writes to
 --out: summary.csv, layers.csv, curves.png (accuracy and loss by preset) and layers.png
 (per-layer quantization error and gradient norms by preset).
+
+scripts/dashboard.py imports load_local and layer_names from here; q8 is the installed package
+(make setup: pip install -e .).
 """
 
 from __future__ import annotations
@@ -161,10 +164,19 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.{digits}f}{spread}"
 
 
-LAYERS_KEY = "q8_stats_layers"  # written by q8.lit.callbacks.quant_stats
-_LAYER_KEY = re.compile(r"^(quant|grads)/(.+)/([a-z_]+)$")
+LAYERS_KEY = "q8_stats_layers"  # the network's layer order, written by QuantStatsCallback
+LAYER_KEY = re.compile(r"^(quant|grads)/(.+)/([a-z_]+)$")  # a per-layer key: kind/layer/metric
 LAYER_METRICS = ("quant/weight_sqnr_db", "quant/act_sqnr_db", "quant/grad_sqnr_db",
                  "quant/wgrad_sqnr_db", "quant/wgrad_cosine", "grads/wgrad_norm")
+
+
+def layer_names(runs: list[Run], metric_suffix: str = "") -> list[str]:
+    """The layers with per-layer keys ending in `metric_suffix` in `runs`' histories, in the
+    network's order as QuantStatsCallback records it (the CSV and W&B sort keys by name)."""
+    logged = {m.group(2) for r in runs for col in r.history.columns
+              if (m := LAYER_KEY.match(col)) and col.endswith(metric_suffix)}
+    recorded = [name for r in runs for name in (r.config.get(LAYERS_KEY) or [])]
+    return [name for name in dict.fromkeys([*recorded, *sorted(logged)]) if name in logged]
 
 
 def layer_table(runs: list[Run], tail: float = 0.5) -> pd.DataFrame:
@@ -174,7 +186,7 @@ def layer_table(runs: list[Run], tail: float = 0.5) -> pd.DataFrame:
     for r in runs:
         h = r.history
         for col in h.columns:
-            m = _LAYER_KEY.match(col)
+            m = LAYER_KEY.match(col)
             if not m:
                 continue
             series = pd.to_numeric(h[col], errors="coerce").dropna()
@@ -186,9 +198,7 @@ def layer_table(runs: list[Run], tail: float = 0.5) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["preset", "layer", "metric", "mean", "std", "order"])
     frame = pd.DataFrame(rows)
-    # network order as QuantStatsCallback records it: the CSV sorts its columns by name
-    known = [name for r in runs for name in (r.config.get(LAYERS_KEY) or [])]
-    order = {layer: i for i, layer in enumerate(dict.fromkeys([*known, *frame["layer"]]))}
+    order = {layer: i for i, layer in enumerate(layer_names(runs))}
     table = frame.groupby(["preset", "metric", "layer"], sort=False)["value"].agg(
         ["mean", "std"]).reset_index()
     table["order"] = table["layer"].map(order)

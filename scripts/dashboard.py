@@ -7,12 +7,15 @@
 Runs are grouped by quant preset (config `quant_name`), mean over seeds with the std shaded.
 Sections: accuracy and loss; per-layer SQNR of W, x, g_l and the g_W copy; cos(g_W) against
 fp32; gradient norms. Without credentials or a network it prints the plan instead.
+
+--from-run reads the run with compare_runs.py, imported as a sibling module: Python searches a
+script's own folder first, so `python scripts/dashboard.py` finds it from any directory. q8 is
+the installed package (make setup: pip install -e .).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,21 +96,10 @@ def build_workspace(entity: str, project: str, name: str,
 
 
 def layers_of_run(run_dir: Path) -> list[str]:
-    """Layer names in network order from a local run's per-layer keys."""
-    spec = importlib.util.spec_from_file_location(
-        "compare_runs", Path(__file__).with_name("compare_runs.py"))
-    cr = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("compare_runs", cr)
-    spec.loader.exec_module(cr)
-    names: dict[str, None] = {}
-    for run in cr.load_local(run_dir):
-        measured = {m.group(2) for col in run.history.columns
-                    if (m := cr._LAYER_KEY.match(col)) and col.endswith("_sqnr_db")}
-        # the network's order, as the callback records it; W&B keeps no key order
-        for name in [*(run.config.get(cr.LAYERS_KEY) or []), *sorted(measured)]:
-            if name in measured:
-                names.setdefault(name)
-    return list(names)
+    """Layer names in network order from a local run's per-layer SQNR keys."""
+    from compare_runs import layer_names, load_local  # pandas: only for --from-run
+
+    return layer_names(load_local(run_dir), "_sqnr_db")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             print("(dry run; wandb-workspaces is not installed: pip install wandb-workspaces)")
         return 0
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from q8.lit.loggers import wandb_has_credentials
 
         if not wandb_has_credentials():

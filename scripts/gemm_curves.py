@@ -2,12 +2,13 @@
 
     python scripts/gemm_curves.py --device cuda --steps 300 --seeds 0,1,2 --out curves/
 
-Each (mode, seed) run trains the same timm model on scikit-learn's digits (upsampled, the same
-batches for every mode of a seed) with SGD for --steps steps, and records the loss of every
-step. A mode agrees with `dequantized` when, in every window of --window steps, the
-difference of the seed means is within twice the seed standard deviation of the dequantized
-runs (the spread that the seed alone puts there). Writes curves.csv, curves.png and
-verdict.json under --out, and prints the verdict per mode.
+Each (mode, seed) run trains the same timm model on the app's digits training split
+(q8.lit.data.DigitsDataModule, without augmentation; the same batches for every mode of a seed)
+with SGD for --steps steps, and records the loss of every step. A mode agrees with
+`dequantized` when, in every window of --window steps, the difference of the seed means is
+within twice the seed standard deviation of the dequantized runs (the spread that the seed
+alone puts there). Writes curves.csv, curves.png and verdict.json under --out, and prints the
+verdict per mode. q8 is the installed package (make setup: pip install -e .).
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import q8  # noqa: E402
-from q8.gemm import MODES  # noqa: E402
+import q8
+from q8.gemm import MODES
 
 
 def digits(image_size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 digits as (N, 1, S, S) images in [0, 1] and their labels."""
-    from sklearn.datasets import load_digits
+    """The digits training split as one (N, 1, S, S) tensor of normalised images and one of
+    labels."""
+    from torch.utils.data import DataLoader
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
-    x = F.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
-    return x.to(device), torch.tensor(d.target).to(device)
+    from q8.lit.data import DigitsDataModule
+
+    data = DigitsDataModule(image_size=image_size, augment=False)
+    data.setup("fit")
+    x, y = next(iter(DataLoader(data.train_set, batch_size=len(data.train_set))))
+    return x.to(device), y.to(device)
 
 
 def run(mode: str, seed: int, args: argparse.Namespace, data: tuple) -> list[float]:
@@ -58,14 +59,6 @@ def run(mode: str, seed: int, args: argparse.Namespace, data: tuple) -> list[flo
     return [float(v) for v in torch.stack(losses).cpu()]
 
 
-def sd(values: list[float]) -> float:
-    """Sample standard deviation (0 for one value)."""
-    if len(values) < 2:
-        return 0.0
-    m = statistics.fmean(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def windows(curve: list[float], size: int) -> list[float]:
     return [statistics.fmean(curve[i : i + size]) for i in range(0, len(curve), size)]
 
@@ -82,7 +75,7 @@ def verdicts(curves: dict[str, dict[int, list[float]]], size: int) -> dict[str, 
         rows = []
         for w in range(len(base[0])):
             b = [r[w] for r in base]
-            spread = sd(b)
+            spread = statistics.stdev(b)
             diff = statistics.fmean(r[w] for r in mine) - statistics.fmean(b)
             rows.append((abs(diff), 2 * spread))
         out[mode] = {"agrees": all(d <= bound for d, bound in rows),
@@ -102,7 +95,7 @@ def plot(curves: dict[str, dict[int, list[float]]], size: int, path: Path) -> No
     for mode, runs in curves.items():
         per = [windows(c, size) for c in runs.values()]
         mean = [statistics.fmean(v) for v in zip(*per)]
-        spread = [sd(list(v)) for v in zip(*per)]
+        spread = [statistics.stdev(v) for v in zip(*per)]
         steps = [size * (i + 0.5) for i in range(len(mean))]
         ax.plot(steps, mean, label=f"{mode} ({len(per)} seeds)")
         ax.fill_between(steps, [m - s for m, s in zip(mean, spread)],
@@ -133,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "dequantized" not in modes:
         modes.insert(0, "dequantized")
     seeds = [int(s) for s in args.seeds.split(",")]
+    if len(seeds) < 2:
+        p.error("--seeds: at least two, the bound is their spread")
     data = digits(args.image_size, args.device)
     curves: dict[str, dict[int, list[float]]] = {m: {} for m in modes}
     total = len(modes) * len(seeds)

@@ -15,6 +15,7 @@
 # then carry `.whl`:  device run --carry .whl "bash scripts/gpu_check.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # q8 from this checkout: the image lacks it
 : "${OUT:?OUT must name the folder for the results}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 py=${PYTHON:-python3}  # the device image's python3 holds PyTorch

@@ -6,6 +6,7 @@
 On Gaussian data with n values per channel, for q8's exact rule c(n) = 1/d2(n), the paper's
 1/sqrt(2 ln n) and the 2018 code's constant; then how much of BN's and Range BN's output
 changes when their input is quantized to 8 bits (the paper's motivation for Range BN).
+q8 is the installed package (make setup: pip install -e .).
 """
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from q8.functional import fake_quantize
+from q8.norm import estimate_std
 
-from q8.functional import fake_quantize  # noqa: E402
-from q8.norm import estimate_std  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the default --out: docs/RANGE_BN.md
 
 RULES = ("exact", "paper", "hoffer2018")
 NS = (8, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1_000_000)

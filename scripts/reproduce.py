@@ -1,18 +1,19 @@
 """Regenerate docs/RESULTS.md: does 8-bit training match fp32, and which parts of the method matter.
 
-    python scripts/reproduce.py                    # 13 configurations x 3 seeds, 6 for the
-                                                   # 4 behind the 0.5-point claims (51 runs)
-    python scripts/reproduce.py --fast             # fp32 vs q8_bifurcated, 1 seed, 5 epochs (CI)
+    python scripts/reproduce.py                # 13 configurations x 3 seeds, 6 for the 4 behind
+                                               # the 0.5-point claims (51 runs)
+    python scripts/reproduce.py --fast         # fp32 vs q8_bifurcated, 1 seed, 5 epochs (CI)
     python scripts/reproduce.py --only parity --seeds 0 1
-    python scripts/reproduce.py --report-only      # rebuild the tables from finished runs
+    python scripts/reproduce.py --report-only  # rebuild the report from finished runs
 
-Each (configuration, seed) is one `train.py experiment=digits_parity ...` run in its own
-directory under --out; a run whose metrics.json exists is not run again, so an interrupted
-reproduction continues where it stopped. Runs go --jobs at a time with one thread each. The
-report (tables, plots, the command and the machine) is written from the runs' metrics.json and
-CSV logs, never typed in. Each run is tested with its final weights: the best-validation
-checkpoint, picked on 180 images, adds a selection noise of its own. --fast checks the parity
-bound loosely (--bound points) and exits 1 when it does not hold.
+Each (configuration, seed) is one `python train.py experiment=digits_parity ...` in a directory
+of its own under --out. The runs go one after the other with one thread each, and a run whose
+result exists is not run again, so an interrupted reproduction continues where it stopped. The
+report comes from the runs' metrics.json and CSV logs, the paper's numbers from
+scripts/paper_results.yaml. Each run is tested with its final weights: the best-validation
+checkpoint, picked on 180 images, adds a selection noise of its own. A claim holds when Welch's
+95% interval of the difference (scipy.stats.ttest_ind) lies inside +-0.5 points. --fast exits 1
+when |q8_bifurcated - fp32| exceeds --bound points. q8 is the installed package (make setup).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # train.py's folder: each run starts there
+PAPER = Path(__file__).with_name("paper_results.yaml")
 # Every run: the experiment, CSV logs (W&B is for interactive work), no per-layer statistics.
+# One thread: a run's numbers and its time do not depend on how many cores the machine has.
 COMMON = [
     "experiment=digits_parity", "logger=csv", "callbacks.q8_stats.log_every_n_steps=0",
     "trainer.enable_progress_bar=false", "threads=1", "test_weights=final",
@@ -44,14 +46,13 @@ class Config:
     section: str
     what: str
     overrides: tuple[str, ...]
-    bits: int | None = None  # for the bits sweep plot
 
 
 ALL8 = "quant.weight_bits={b} quant.act_bits={b} quant.grad_bits={b}"
 CONFIGS = [
     Config("fp32", "parity", "full precision, standard BN", ("quant=fp32",)),
     Config("q8_bifurcated", "parity", "the paper: 8-bit W, A, g_l; 16-bit g_l copy for dL/dW; "
-           "stochastic rounding; Range BN", ("quant=q8_bifurcated",), bits=8),
+           "stochastic rounding; Range BN", ("quant=q8_bifurcated",)),
     Config("fp32_range_bn", "norm", "fp32 everything, Range BN instead of BN",
            ("quant=fp32", "quant.bn=range")),
     Config("q8_batchnorm", "norm", "q8_bifurcated with standard BN instead of Range BN",
@@ -63,9 +64,9 @@ CONFIGS = [
     Config("q8_fp32_wgrad", "ablation", "dL/dW from an fp32 g_l (the 2018 code)",
            ("quant=q8_fp32_wgrad",)),
     *[Config(f"grads{b}", "bits", f"g_l in {b} bits, the rest as q8_bifurcated",
-             ("quant=q8_bifurcated", f"quant.grad_bits={b}"), bits=b) for b in (6, 4, 2)],
+             ("quant=q8_bifurcated", f"quant.grad_bits={b}")) for b in (6, 4, 2)],
     *[Config(f"all{b}", "bits", f"W, A and g_l in {b} bits (16-bit dL/dW copy, Range BN)",
-             ("quant=q8_bifurcated", *ALL8.format(b=b).split()), bits=b) for b in (6, 4, 2)],
+             ("quant=q8_bifurcated", *ALL8.format(b=b).split())) for b in (6, 4, 2)],
 ]
 SECTIONS = {
     "parity": "Parity: fp32 against 8-bit training",
@@ -88,8 +89,17 @@ CLAIMS = [
     ("q8_bifurcated", "q8_batchnorm", "Range BN against BN, inside q8"),
 ]
 TARGET = 0.5
-CONFIDENCE = 0.95  # a claim holds when this interval of the difference lies inside +-TARGET
+CONFIDENCE = 0.95
 CLAIM_SECTIONS = ("parity", "norm")
+RECIPE = (
+    "- Recipe (`experiment=digits_parity`): scikit-learn's digits at 32x32 (1,437 train / 360 "
+    "test images, a fixed split), ResNet-18 at a quarter width (channels 16-32-64-128), SGD "
+    "momentum 0.9, lr 0.1, cosine schedule with a 1-epoch warm-up, {epochs} epochs, batch 64, "
+    "light augmentation. Test accuracy of the final weights, on 360 images (one image is 0.28 "
+    "points)."
+)
+# the one line train.py prints when the nan guard stops a run (NonFiniteError, exit 1)
+DIVERGED = re.compile(r"non-finite value at step (\d+)")
 
 
 def plan(configs: list[Config], seeds: list[int], claim_seeds: int) -> dict[str, list[int]]:
@@ -101,11 +111,6 @@ def plan(configs: list[Config], seeds: list[int], claim_seeds: int) -> dict[str,
 
 def run_dir(out: Path, config: Config, seed: int) -> Path:
     return out / config.name / f"seed{seed}"
-
-
-# the one line train.py prints when q8/lit/callbacks/nan_guard.py stops a run
-# (NonFiniteError, exit 1)
-DIVERGED = re.compile(r"non-finite value at step (\d+)")
 
 
 def result_file(directory: Path) -> Path | None:
@@ -144,28 +149,25 @@ def train(out: Path, config: Config, seed: int, extra: list[str]) -> tuple[Path,
     return directory, time.time() - start, status
 
 
-def run_all(out: Path, configs: list[Config], seeds: dict[str, list[int]], jobs: int,
+def run_all(out: Path, configs: list[Config], seeds: dict[str, list[int]],
             extra: list[str]) -> float:
-    from tqdm import tqdm
-
+    """Every planned run in turn, one line each; seed-major, so that a reproduction cut short
+    has every configuration's first seeds. Returns the wall-clock seconds."""
     most = max(len(v) for v in seeds.values())
     tasks = [(c, seeds[c.name][i]) for i in range(most) for c in configs
-             if i < len(seeds[c.name])]  # seed-major: every config early on
+             if i < len(seeds[c.name])]
     start = time.time()
-    with ThreadPoolExecutor(max_workers=jobs) as pool, \
-            tqdm(total=len(tasks), unit="run", desc="reproduce") as bar:
-        futures = {pool.submit(train, out, c, s, extra): (c, s) for c, s in tasks}
-        for future in as_completed(futures):
-            config, seed = futures[future]
-            directory, seconds, status = future.result()
-            bar.write(f"{config.name:>18} seed {seed}: {status} ({seconds:.0f} s)")
-            bar.update()
+    for i, (config, seed) in enumerate(tasks, 1):
+        _, seconds, status = train(out, config, seed, extra)
+        print(f"[{i}/{len(tasks)}] {config.name} seed {seed}: {status} ({seconds:.0f} s)",
+              flush=True)
     return time.time() - start
 
 
 # ------------------------------------------------------------------------------- report
 def load(out: Path, configs: list[Config],
          seeds: dict[str, list[int]]) -> dict[str, list[dict]]:
+    """Each configuration's finished results (metrics.json or diverged.json), by name."""
     runs: dict[str, list[dict]] = {}
     for c in configs:
         for s in seeds[c.name]:
@@ -176,6 +178,7 @@ def load(out: Path, configs: list[Config],
 
 
 def acc(runs: list[dict]) -> list[float]:
+    """Test accuracies in points, diverged runs left out."""
     return [100 * r["test/acc"] for r in runs if r.get("test/acc") is not None]
 
 
@@ -216,32 +219,17 @@ def gap(runs: dict[str, list[dict]], a: str = "q8_bifurcated",
     return statistics.mean(x) - statistics.mean(y) if x and y else None
 
 
-def gap_standard_error(runs: dict[str, list[dict]], a: str = "q8_bifurcated",
-                       b: str = "fp32") -> float | None:
-    """sqrt(s_a^2 / n_a + s_b^2 / n_b): the standard error of the difference of two means."""
+def gap_interval(runs: dict[str, list[dict]], a: str, b: str,
+                 level: float = CONFIDENCE) -> tuple[float, float] | None:
+    """Welch's `level` confidence interval of mean(a) - mean(b) in points (the seeds' variances
+    need not be equal); None with fewer than 2 seeds on either side."""
+    from scipy.stats import ttest_ind
+
     x, y = acc(runs.get(a, [])), acc(runs.get(b, []))
     if len(x) < 2 or len(y) < 2:
         return None
-    return (statistics.variance(x) / len(x) + statistics.variance(y) / len(y)) ** 0.5
-
-
-def gap_interval(runs: dict[str, list[dict]], a: str = "q8_bifurcated", b: str = "fp32",
-                 level: float = CONFIDENCE) -> tuple[float, float] | None:
-    """Welch's `level` confidence interval of mean(a) - mean(b), in points: d +- t * se, with t
-    the Student quantile at the Welch-Satterthwaite degrees of freedom (the seeds' variances
-    need not be equal). None with fewer than 2 seeds on either side."""
-    from scipy.stats import t
-
-    x, y = acc(runs.get(a, [])), acc(runs.get(b, []))
-    d, se = gap(runs, a, b), gap_standard_error(runs, a, b)
-    if d is None or se is None:
-        return None
-    if se == 0:
-        return d, d
-    va, vb = statistics.variance(x) / len(x), statistics.variance(y) / len(y)
-    dof = se**4 / (va**2 / (len(x) - 1) + vb**2 / (len(y) - 1))
-    half = float(t.ppf(0.5 + level / 2, dof)) * se
-    return d - half, d + half
+    interval = ttest_ind(x, y, equal_var=False).confidence_interval(level)
+    return float(interval.low), float(interval.high)
 
 
 def verdict(interval: tuple[float, float] | None, a: str) -> str:
@@ -260,18 +248,36 @@ def verdict(interval: tuple[float, float] | None, a: str) -> str:
 
 
 def claims_table(runs: dict[str, list[dict]]) -> list[str]:
-    """The issue's claims: difference of mean test accuracy, its 95% interval and standard
-    error, and the verdict the interval gives."""
-    lines = [f"| claim | difference of means (points) | {CONFIDENCE:.0%} interval | standard "
-             f"error | seeds | within {TARGET} points |", "|---|---|---|---|---|---|"]
+    """The claims: difference of mean test accuracy, its interval and the verdict it gives."""
+    lines = [f"| claim | difference of means (points) | {CONFIDENCE:.0%} interval | seeds | "
+             f"within {TARGET} points |", "|---|---|---|---|---|"]
     for a, b, what in CLAIMS:
-        d, err, interval = gap(runs, a, b), gap_standard_error(runs, a, b), gap_interval(runs, a, b)
+        d, interval = gap(runs, a, b), gap_interval(runs, a, b)
         if d is None:
             continue
-        n = f"{len(acc(runs[a]))} and {len(acc(runs[b]))}"
         span = "n/a" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
         lines.append(f"| {what}: `{a}` − `{b}` | {d:+.2f} | {span} | "
-                     f"{'n/a' if err is None else f'{err:.2f}'} | {n} | {verdict(interval, a)} |")
+                     f"{len(acc(runs[a]))} and {len(acc(runs[b]))} | {verdict(interval, a)} |")
+    return lines
+
+
+def paper_table(path: Path = PAPER) -> list[str]:
+    """The paper's numbers for the large-scale experiment configs, from `path`."""
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.to_container(OmegaConf.load(path))
+
+    def approx(value: float | None) -> str:
+        return "" if value is None else f"~{value:g}"
+
+    lines = [paper["source"], "", "| experiment config | recipe | metric | paper: fp32 | "
+             "paper: 8-bit | paper: fewer bits | note |", "|---|---|---|---|---|---|---|"]
+    for row in paper["rows"]:
+        bits = row["bits"]
+        fewer = ", ".join(f"{approx(v)} at {b} bits" for b, v in bits.items() if b != 8)
+        lines.append(f"| `experiment={row['experiment']}` | {row['recipe']} | {row['metric']} | "
+                     f"{approx(row.get('fp32'))} | {approx(bits.get(8))} | {fewer} | "
+                     f"{row.get('note', '')} |")
     return lines
 
 
@@ -282,18 +288,14 @@ def plot_bits(runs: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for prefix, label in (("grads", "g_l only"), ("all", "W, A and g_l")):
-        points = [(8, "q8_bifurcated")] + [(b, f"{prefix}{b}") for b in (6, 4, 2)]
-        xs, means, lows, highs = [], [], [], []
-        for bits, name in points:
-            a = acc(runs.get(name, []))
-            if a:
-                xs.append(bits)
-                means.append(statistics.mean(a))
-                lows.append(min(a))
-                highs.append(max(a))
-        if xs:
-            ax.plot(xs, means, "o-", label=label)
-            ax.fill_between(xs, lows, highs, alpha=0.2)
+        points = [(8, acc(runs.get("q8_bifurcated", [])))]
+        points += [(b, acc(runs.get(f"{prefix}{b}", []))) for b in (6, 4, 2)]
+        points = [(bits, a) for bits, a in points if a]
+        if points:
+            xs = [bits for bits, _ in points]
+            ax.plot(xs, [statistics.mean(a) for _, a in points], "o-", label=label)
+            ax.fill_between(xs, [min(a) for _, a in points], [max(a) for _, a in points],
+                            alpha=0.2)
     fp = acc(runs.get("fp32", []))
     if fp:
         ax.axhline(statistics.mean(fp), color="k", ls="--", lw=1, label="fp32")
@@ -344,19 +346,17 @@ def machine() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     return (f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
             f"torch {torch.__version__}")
 
 
 def report(out: Path, configs: list[Config], seeds: dict[str, list[int]], command: str,
            wall_s: float | None, results: Path) -> str:
+    """Write the Markdown report of the finished runs to `results`, its figures beside it."""
     runs = load(out, configs, seeds)
     figures = results.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
@@ -366,6 +366,7 @@ def report(out: Path, configs: list[Config], seeds: dict[str, list[int]], comman
     n_runs = sum(len(v) for v in runs.values())
     run_minutes = sum(r.get("wall_time_s", 0) for v in runs.values() for r in v) / 60
     all_seeds = sorted({s for v in seeds.values() for s in v})
+    epochs = sorted({r["epochs"] for v in runs.values() for r in v if "epochs" in r})
     lines = [
         "# Results: 8-bit training against fp32 on digits",
         "",
@@ -376,11 +377,7 @@ def report(out: Path, configs: list[Config], seeds: dict[str, list[int]], comman
         f"- Runs: {n_runs} (seeds {', '.join(map(str, all_seeds))}), "
         f"{run_minutes:.0f} min of training in total"
         + (f", {wall_s / 60:.0f} min wall clock" if wall_s else "") + ".",
-        "- Recipe (`experiment=digits_parity`): scikit-learn's digits at 32x32 (1,437 train / "
-        "360 test images, a fixed split), ResNet-18 at a quarter width (channels 16-32-64-128), "
-        "SGD momentum 0.9, lr 0.1, cosine schedule with a 1-epoch warm-up, 12 epochs, batch 64, "
-        "light augmentation. Test accuracy of the final weights, on 360 images (one image is "
-        "0.28 points).",
+        RECIPE.format(epochs=", ".join(map(str, epochs)) or "n/a"),
         "",
         *claims_table(runs),
         "",
@@ -400,37 +397,23 @@ def report(out: Path, configs: list[Config], seeds: dict[str, list[int]], comman
     lines += ["The Range BN estimator on its own (E[sigma_hat]/sigma for n = 8 .. 10^6 under the "
               "three scale rules, and its tolerance to 8-bit input against BN's) is in "
               "[RANGE_BN.md](RANGE_BN.md), written by `scripts/range_bn_table.py`.", ""]
-    lines += [
-        "## The paper's numbers, for the large-scale configs",
-        "",
-        "Read off the authors' poster (no exact table is public). The configs are ready for "
-        "people with the data and GPUs; q8 has not run them here.",
-        "",
-        "| experiment config | paper: fp32 | paper: 8-bit |",
-        "|---|---|---|",
-        "| `experiment=imagenet_resnet18` (90 epochs) | ~34% top-1 error | ~34% |",
-        "| `experiment=imagenet_resnet50` (90 epochs) | ~27.5% top-1 error | ~28.5%; Range BN "
-        "vs BN: no visible gap |",
-        "| `experiment=cifar10_resnet18` | accuracy against bits on a small-image benchmark: "
-        "~89% flat from 6 bits, ~83% at 4, ~20% at 2 | |",
-        "",
-    ]
-    results.write_text("\n".join(lines))
-    return "\n".join(lines)
+    lines += ["## The paper's numbers, for the large-scale configs", "", *paper_table(), ""]
+    text = "\n".join(lines)
+    results.write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "reproduce",
                    help="run directories go here (one per configuration and seed)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (--fast: 0)")
     p.add_argument("--claim-seeds", type=int, default=6,
                    help="seeds of the parity and Range BN configurations (0, 1, ...; at least "
                         "--seeds)")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help=f"configurations or sections: {', '.join(SECTIONS)}, "
                         f"{', '.join(c.name for c in CONFIGS)}")
-    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--fast", action="store_true",
                    help="fp32 and q8_bifurcated, seed 0, 5 epochs; check --bound")
     # One run's test accuracy on 360 images at p ~ 0.95 has a binomial std of 1.15 points;
@@ -440,13 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "RESULTS.md",
                    help="the report to write (--fast: <out>/RESULTS.md)")
     p.add_argument("--report-only", action="store_true", help="no training, only the report")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
 
-    configs, extra, seeds, claim_seeds = CONFIGS, [], args.seeds, args.claim_seeds
+    configs, extra, claim_seeds = CONFIGS, [], args.claim_seeds
+    seeds = args.seeds or ([0] if args.fast else [0, 1, 2])
     if args.fast:
-        configs, extra = [c for c in CONFIGS if c.section == "parity"], FAST
-        seeds = args.seeds if "--seeds" in (argv or sys.argv) else [0]
-        claim_seeds = 0
+        configs, extra, claim_seeds = [c for c in CONFIGS if c.section == "parity"], FAST, 0
         if args.results == p.get_default("results"):
             args.results = args.out / "RESULTS.md"
     if args.only:
@@ -456,31 +439,26 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c.name in args.only or c.section in args.only]
     seeds = plan(configs, seeds, claim_seeds)
 
-    wall = None
-    command_file = args.out / "command.txt"  # the command that made the runs, for the report
+    # The command and wall clock of the training, kept for a later --report-only.
+    command_file, wall_file = args.out / "command.txt", args.out / "wall_clock_s.txt"
     if not args.report_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        command_file.write_text(" ".join(["python scripts/reproduce.py",
-                                          *(argv if argv is not None else sys.argv[1:])]))
-        wall = run_all(args.out, configs, seeds, args.jobs, extra)
-        (args.out / "wall_clock_s.txt").write_text(f"{wall:.0f}\n")
+        command_file.write_text(" ".join(["python scripts/reproduce.py", *argv]))
+        wall_file.write_text(f"{run_all(args.out, configs, seeds, extra):.0f}\n")
     command = (command_file.read_text().strip() if command_file.is_file()
                else "python scripts/reproduce.py")
-    wall_file = args.out / "wall_clock_s.txt"
-    if wall is None and wall_file.is_file():  # --report-only: the time of the runs' command
-        wall = float(wall_file.read_text())
+    wall = float(wall_file.read_text()) if wall_file.is_file() else None
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    report(args.out, configs, seeds, command.strip(), wall, args.results)
+    report(args.out, configs, seeds, command, wall, args.results)
     print(f"report written to {args.results}")
 
-    runs = load(args.out, configs, seeds)
     missing = [f"{c.name}/seed{s}" for c in configs for s in seeds[c.name]
                if not finished(run_dir(args.out, c, s))]
     if missing:
         print(f"error: {len(missing)} runs did not finish: {', '.join(missing)}",
               file=sys.stderr)
         return 1
-    parity = gap(runs)
+    parity = gap(load(args.out, configs, seeds))
     if args.fast and parity is not None:
         print(f"parity: q8_bifurcated - fp32 = {parity:+.2f} points (bound ±{args.bound})")
         if abs(parity) > args.bound:

@@ -1,4 +1,5 @@
-"""scripts/bench.py (issue 4): the table and JSON it writes, and its paired time ratio."""
+"""scripts/bench.py and scripts/gemm_curves.py: the tables, JSON and curves they write, and
+the statistics they judge by."""
 
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def test_the_curve_verdict_is_twice_the_seed_spread(load_script) -> None:
     far = {"dequantized": base, "codes": {0: [5.0, 5.0], 1: [5.0, 5.0]}}  # 3 from the mean
     assert curves.verdicts(near, 2)["codes"]["agrees"]
     assert not curves.verdicts(far, 2)["codes"]["agrees"]
+    with pytest.raises(SystemExit) as exit_info:  # one seed has no spread to bound by
+        curves.main(["--seeds", "0"])
+    assert exit_info.value.code == 2
 
 
 def test_peak_live_tensors_counts_each_new_storage_while_it_lives(load_script) -> None:

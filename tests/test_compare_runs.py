@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,8 @@ def test_two_presets_become_a_table_and_figures(runs_root, tmp_path, capsys, loa
     sqnr = layers[(layers.metric == "quant/grad_sqnr_db") & (layers.preset == "fp32")]
     assert list(sqnr.layer) == list(LAYERS)  # network order, not alphabetical
     assert list(sqnr["mean"]) == [90.0, 91.0, 92.0]
+    assert cr.layer_names(cr.load_local(runs_root), "_sqnr_db") == list(LAYERS)
+    assert cr.layer_names(cr.load_local(runs_root), "_no_such_metric") == []
 
 
 def test_csv_only_runs_are_read(tmp_path, capsys, load_script):
@@ -133,3 +137,18 @@ def test_dashboard_dry_run_prints_the_panels(capsys, load_script):
     for expected in ("my-team/q8", "val/acc", "train/loss", "quant_name",
                      "quant/conv1/grad_sqnr_db", "grads/.*/wgrad_norm"):
         assert expected in text
+
+
+def test_dashboard_takes_the_layers_of_a_run_from_any_directory(runs_root, tmp_path):
+    """Run as a script, from outside the repository: it finds compare_runs.py beside it and the
+    installed q8, and gives each layer of the run a panel, in the network's order."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "dashboard.py"), "my-team/q8", "--dry-run",
+         "--from-run", str(runs_root / "q8_s0")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = proc.stdout.split("section SQNR by layer", 1)[1]
+    panels = [line.split(":", 1)[1].split("[", 1)[0].strip()
+              for line in section.splitlines() if line.strip().startswith("line:")]
+    assert panels == list(LAYERS)
