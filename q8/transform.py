@@ -119,6 +119,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
                 old = type(module).__name__
                 module.__class__ = twin_class(WeightReaderMixin, type(module))
                 report.replaced.append((name, old, type(module).__name__))
+                report.kept = [k for k in report.kept if k[0] != name]
     modules = dict(model.named_modules())
     unsynced = [name for name, _, _ in report.replaced
                 if "q8_original_class" in vars(modules[name])
