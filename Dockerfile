@@ -40,6 +40,8 @@ COPY pyproject.toml README.md constraints.txt ./
 COPY q8/ q8/
 RUN python -m pip install -c constraints.txt -e '.[app,dev]' && chmod -R a+rwX /workspace
 
+# The application runs from /workspace as from a checkout: train.py, conf/ and callbacks/ (not
+# installed: `python train.py` imports callbacks/ from the script's folder).
 COPY . .
 RUN mkdir -p outputs data && chmod -R a+rwX /workspace
 

@@ -26,8 +26,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from q8.lit import launch
 from q8.lit.errors import StoppedBySignal, UsageError
-from q8.lit.instantiate import build_quant_config, instantiate, instantiate_group, one_line
-from q8.lit.loggers import create_loggers, finish_loggers
+from q8.lit.instantiate import (
+    build_quant_config,
+    instantiate,
+    instantiate_group,
+    instantiate_loggers,
+    instantiate_model,
+    one_line,
+)
+from q8.lit.loggers import finish_loggers
 from q8.lit.validate import check_run_config
 
 # Lightning, timm and wandb take seconds to import: they are imported once the configuration
@@ -48,36 +55,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     launch.log_each_line_once()  # now that Lightning added its own console handler
 
-    from q8.lit import ClassifierModule, check_model_name, distributed
+    from q8.lit import distributed
     from q8.lit.resume import resume_from
     from q8.lit.run_history import final_metrics, write_metrics
     from q8.lit.validate import check_model_input
 
-    check_model_name(cfg.model.name)
-    datamodule = instantiate(cfg.data, "data")
-    model_args: dict[str, Any] = {
-        "model_name": cfg.model.name,
-        "num_classes": datamodule.num_classes,
-        "in_chans": datamodule.in_chans,
-        "small_input": cfg.model.small_input,
-    }
-    if ckpt_path:
-        ckpt_path = resume_from(cfg.ckpt_path, ckpt_path, output_dir, model_args, quant)
-
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    datamodule = instantiate(cfg.data, "data")
     L.seed_everything(cfg.seed, workers=True)
-    module = ClassifierModule(
-        **model_args,
-        model_kwargs=resolved["model"]["kwargs"],
-        optimizer=resolved["optimizer"],
-        scheduler=resolved["scheduler"],
-        compile=bool(cfg.get("compile", False)),
-    )
+    module = instantiate_model(cfg, datamodule)
+    if ckpt_path:  # the checkpoint is this run's model and quant preset
+        ckpt_path = resume_from(cfg.ckpt_path, ckpt_path, output_dir, module.hparams, quant)
     check_model_input(module.model, datamodule)  # the model takes the data's images
 
     callbacks = instantiate_group(cfg.get("callbacks"), "callbacks")
-    loggers = create_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(resolved)

@@ -107,6 +107,14 @@ def test_the_app_trains_through_the_q8precision_plugin(tiny_config, tmp_path: Pa
     assert not set(entry["buffers"]) & set(ckpt["state_dict"])
     plain = ClassifierModule.load_from_checkpoint(best)  # strict: exactly the float keys
     assert not any(isinstance(m, (q8.QuantConv2d, q8.QuantLinear)) for m in plain.modules())
+    # the optimizer and the schedule are recorded as settings, not as objects to train with
+    hparams = ckpt["hyper_parameters"]
+    assert hparams["optimizer"] == {"_target_": "torch.optim.sgd.SGD", "lr": 0.1,
+                                    "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False}
+    assert hparams["scheduler"]["_target_"] == "q8.lit.optim.warmup_cosine"
+    assert plain.hparams.optimizer == hparams["optimizer"]
+    with pytest.raises(UsageError, match="no optimizer or scheduler to train with"):
+        plain.configure_optimizers()
     with pytest.raises(UsageError, match="incompatible.*quant="):
         train(tiny_config("quant=q8_fp32_wgrad", "ckpt_path=last", run_dir=run_dir))
 
@@ -242,8 +250,8 @@ def test_wandb_runs_offline_without_credentials(tiny_config, tmp_path: Path, mon
 
     monkeypatch.setattr(wandb.Run, "finish", look_and_finish)
     losses: dict[int, float] = {}  # train/loss_step as Lightning hands it to the loggers
-    monkeypatch.setattr(train_module, "create_loggers", _recording_loggers(
-        train_module.create_loggers, losses))
+    monkeypatch.setattr(train_module, "instantiate_loggers", _recording_loggers(
+        train_module.instantiate_loggers, losses))
     run_dir = tmp_path / "run"
     metrics = train(tiny_config("quant=fp32", "logger=wandb", run_dir=run_dir))
     assert os.environ["WANDB_MODE"] == "offline"
@@ -267,10 +275,10 @@ def test_wandb_runs_offline_without_credentials(tiny_config, tmp_path: Path, mon
     assert [k for k in history if k.startswith("grads/conv1/")]
 
 
-def _recording_loggers(create_loggers, losses: dict[int, float]):
-    """create_loggers, with the CSV logger's log_metrics recording train/loss_step by step."""
+def _recording_loggers(instantiate_loggers, losses: dict[int, float]):
+    """instantiate_loggers, with the CSV logger's log_metrics recording train/loss_step by step."""
     def create(node):
-        loggers = create_loggers(node)
+        loggers = instantiate_loggers(node)
         from lightning.pytorch.loggers import CSVLogger
 
         (csv_logger,) = [lg for lg in loggers if isinstance(lg, CSVLogger)]
@@ -391,6 +399,47 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert [lr_factor(e * 10, 900, 10, **step) for e in (29, 30, 60, 85)] == pytest.approx(
         [1.0, 0.1, 0.01, 0.001]
     )
+
+
+@pytest.mark.parametrize("group", ["model", "optimizer", "scheduler"])
+def test_every_object_is_built_from_its_target(group: str) -> None:
+    """As data, trainer, callbacks and logger: each config of the group names what it builds."""
+    for path in (CONF_DIR / group).glob("*.yaml"):
+        assert "_target_" in yaml.safe_load(path.read_text()), path
+
+
+def test_the_optimizer_and_scheduler_configs_build_the_papers_recipe() -> None:
+    """SGD 0.9, weight decay 1e-4, lr 0.1 warmed up over 5 epochs from 0.01, x0.1 at 30/60/80."""
+    from q8.lit.instantiate import instantiate
+
+    cfg = compose_config(["experiment=imagenet_resnet18"])
+    optimizer = instantiate(cfg.optimizer, "optimizer")([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert (optimizer.defaults["momentum"], optimizer.defaults["weight_decay"]) == (0.9, 1e-4)
+    scheduler = instantiate(cfg.scheduler, "scheduler")(optimizer, total_steps=900,
+                                                        steps_per_epoch=10)
+    lrs = []
+    for _ in range(900):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert [lrs[s] for s in (0, 25, 50, 299, 300, 600, 850)] == pytest.approx(
+        [0.01, 0.055, 0.1, 0.1, 0.01, 0.001, 0.0001])
+
+
+def test_optimizer_settings_it_does_not_take_are_one_clear_error(tiny_config) -> None:
+    import functools
+
+    from q8.lit import UsageError, create_classifier
+    from q8.lit.instantiate import instantiate
+    from q8.lit.optim import warmup_constant
+
+    with pytest.raises(UsageError, match=r"cannot build optimizer: torch\.optim\.SGD: .*momentun"):
+        instantiate(tiny_config("+optimizer.momentun=0.9").optimizer, "optimizer")
+    module = create_classifier("test_resnet", 10, 1, optimizer=functools.partial(
+        torch.optim.SGD, lr=-1.0), scheduler=warmup_constant)
+    with pytest.raises(UsageError, match=r"the optimizer rejects its settings .*lr"):
+        module.configure_optimizers()
 
 
 def test_digits_split_is_stratified_and_fixed_by_split_seed() -> None:

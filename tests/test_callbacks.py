@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks.quant_metrics import cosine, quant_error, sqnr_db
+from callbacks.quant_stats import QuantStatsCallback
 from q8 import QuantConfig, quantize_model
-from q8.lit.callbacks.quant_metrics import cosine, quant_error, sqnr_db
-from q8.lit.callbacks.quant_stats import QuantStatsCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -283,7 +283,7 @@ def test_q8precision_sync_range_bn_syncs_every_range_bn_layer_it_made(caplog):
 
 
 def test_exact_resume_forks_one_common_state_into_one_stream_per_rank():
-    from q8.lit.resume import ExactResume
+    from callbacks.exact_resume import ExactResume
 
     callback = ExactResume()
 

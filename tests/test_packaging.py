@@ -88,3 +88,30 @@ print(model)
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "QuantConv2d" in out.stdout, out.stdout
+
+
+def _imports(path) -> set[str]:
+    """The modules a file imports (at any depth: lazy imports in functions too)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return names
+
+
+def _files_importing(folder, prefixes: tuple[str, ...], skip: tuple[str, ...] = ()) -> list:
+    return sorted(str(f.relative_to(ROOT)) for f in (ROOT / folder).rglob("*.py")
+                  if not any(part in skip for part in f.relative_to(ROOT).parts)
+                  and any(n == p or n.startswith(p + ".") for n in _imports(f) for p in prefixes))
+
+
+def test_the_layers_import_only_downwards():
+    """The library (q8 less q8/lit) imports neither the application nor its callbacks; q8/lit
+    does not import callbacks/; Hydra is imported by q8/lit/instantiate.py alone."""
+    assert _files_importing("q8", ("q8.lit", "callbacks"), skip=("lit",)) == []
+    assert _files_importing("q8/lit", ("callbacks",)) == []
+    assert _files_importing("q8", ("hydra", "omegaconf")) == ["q8/lit/instantiate.py"]

@@ -268,7 +268,7 @@ def test_signal_connector_slurm_requeue(tmp_path, slurm):
 def test_fit_loop_epoch_loop_results(tmp_path):
     """The training step's logged values, with the fields ExactResume adds to: an epoch mean's
     running sum and batch count."""
-    from q8.lit.resume import _epoch_means
+    from callbacks.exact_resume import _epoch_means
 
     seen = {}
 

@@ -231,7 +231,7 @@ def _fit_signalled(tmp_path: Path, signum: int) -> tuple[L.Trainer, bool]:
     step 2; (the trainer, whether fit stopped with SIGTERMException)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from q8.lit.checkpoint import ResumableCheckpoint
+    from callbacks.checkpoint import ResumableCheckpoint
 
     checkpoint = ResumableCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True,
                                      save_top_k=0)
@@ -310,7 +310,7 @@ def test_resumable_sampler_keeps_torchs_order_and_random_stream() -> None:
     same one draw of the global RNG per epoch, so later random numbers are unchanged."""
     from torch.utils.data import RandomSampler
 
-    from q8.lit.resume import ResumableSampler
+    from q8.lit.train_order import ResumableSampler
 
     torch.manual_seed(0)
     orders = [list(RandomSampler(range(50))) for _ in range(3)]
@@ -324,7 +324,7 @@ def test_resumable_sampler_keeps_torchs_order_and_random_stream() -> None:
 def test_resumed_loader_replays_the_rest_of_the_epoch_without_drawing() -> None:
     from torch.utils.data import TensorDataset
 
-    from q8.lit.resume import ResumableDataLoader, ResumableSampler
+    from q8.lit.train_order import ResumableDataLoader, ResumableSampler
 
     data = TensorDataset(torch.arange(10))
     loader = ResumableDataLoader(data, batch_size=2, sampler=ResumableSampler(data))
@@ -340,7 +340,7 @@ def test_resumed_loader_replays_the_rest_of_the_epoch_without_drawing() -> None:
 
 
 def test_atomic_checkpoint_io_replaces_the_file(tmp_path: Path) -> None:
-    from q8.lit.checkpoint import AtomicCheckpointIO
+    from q8.lit.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "ck" / "last.ckpt"
@@ -358,7 +358,7 @@ def test_last_ckpt_follows_every_epoch_without_a_new_best(tmp_path: Path,
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from q8.lit.checkpoint import ResumableCheckpoint
+    from callbacks.checkpoint import ResumableCheckpoint
 
     class Net(L.LightningModule):
         def __init__(self) -> None:
@@ -398,8 +398,8 @@ def _tiny_run(action, poison, tmp_path):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
+    from callbacks.nan_guard import NanGuard
     from q8 import QuantConfig, quantize_model
-    from q8.lit.callbacks.nan_guard import NanGuard
 
     class Net(L.LightningModule):
         def __init__(self):
@@ -439,14 +439,14 @@ def _inf_weight(net):
 
 
 def test_non_finite_weight_stops_naming_the_layer(tmp_path):
-    from q8.lit.callbacks.nan_guard import NonFiniteError
+    from q8.lit.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"net\.4\.weight: weights"):
         _tiny_run("stop", _inf_weight, tmp_path)
 
 
 def test_non_finite_activation_is_traced_to_its_layer(tmp_path):
-    from q8.lit.callbacks.nan_guard import NonFiniteError
+    from q8.lit.errors import NonFiniteError
 
     def nan_into_relu(net):  # NaN activations enter net.2 from now on
         net[2].register_forward_pre_hook(lambda m, args: (args[0] * float("nan"),))
@@ -458,7 +458,7 @@ def test_non_finite_activation_is_traced_to_its_layer(tmp_path):
 def test_non_finite_bn_parameter_is_named(tmp_path):
     import torch
 
-    from q8.lit.callbacks.nan_guard import NonFiniteError
+    from q8.lit.errors import NonFiniteError
 
     def nan_bn_bias(net):  # a NaN bias in BN: the next layers see NaN activations
         with torch.no_grad():
@@ -502,7 +502,7 @@ def _inf_backward_after_the_last_layer(net):  # dL/dy of net.4 (the logits) is i
     ids=["in-a-layer", "after-the-last-layer"],
 )
 def test_non_finite_g_l_in_the_backward_is_traced_to_its_layer(poison, message, tmp_path):
-    from q8.lit.callbacks.nan_guard import NonFiniteError
+    from q8.lit.errors import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"at step 1, " + message):
         _tiny_run("stop", poison, tmp_path)
@@ -511,7 +511,7 @@ def test_non_finite_g_l_in_the_backward_is_traced_to_its_layer(poison, message, 
 def test_replay_reruns_a_step_with_its_rng_and_restores_buffers():
     from torch import nn
 
-    from q8.lit.callbacks.nan_guard import replaying
+    from callbacks.nan_guard import replaying
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).train()
     start = {"cpu": torch.get_rng_state()}
@@ -542,7 +542,7 @@ def test_skip_action_drops_bad_steps_and_keeps_weights_finite(tmp_path):
 
 
 def test_nan_guard_rejects_unknown_action():
-    from q8.lit.callbacks.nan_guard import NanGuard
+    from callbacks.nan_guard import NanGuard
 
     with pytest.raises(ValueError, match="stop, skip"):
         NanGuard("ignore")

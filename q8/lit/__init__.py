@@ -1,7 +1,9 @@
-"""The training application's plain-Python parts: LightningModule, data modules, helpers.
+"""The training application's plain-Python parts: LightningModule, data modules, helpers; its
+Lightning callbacks are in the repository's callbacks/ package, which this one never imports.
 
-No Hydra here: train.py turns the configuration into these objects. Names are imported lazily
-so that `q8.lit.errors` can be used without paying for importing Lightning.
+Hydra is imported by q8.lit.instantiate alone, with which train.py turns the configuration into
+these objects; the others take plain values. Names are imported lazily so that
+`q8.lit.errors` can be used without paying for importing Lightning.
 """
 
 from importlib import import_module
@@ -17,6 +19,7 @@ _EXPORTS = {
     "check_model_name": "q8.lit.models",
     "create_backbone": "q8.lit.models",
     "ClassifierModule": "q8.lit.module",
+    "create_classifier": "q8.lit.module",
 }
 
 __all__ = sorted(_EXPORTS)

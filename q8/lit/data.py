@@ -25,7 +25,7 @@ from torch.utils.data import (
 )
 
 from q8.lit.errors import DatasetNotFoundError, UsageError
-from q8.lit.resume import TrainOrder
+from q8.lit.train_order import TrainOrder
 from q8.lit.validate import check_data_config
 
 
@@ -78,8 +78,8 @@ class _ClassificationDataModule(L.LightningDataModule):
         return DataLoader(dataset, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        """Where a checkpoint leaves the training epoch (q8.lit.resume.TrainOrder): Lightning
-        would otherwise resume mid-epoch with a fresh permutation, on other batches."""
+        """Where a checkpoint leaves the training epoch (q8.lit.train_order.TrainOrder):
+        Lightning would otherwise resume mid-epoch with a fresh permutation, on other batches."""
         return self._train_order.state_dict(self.trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

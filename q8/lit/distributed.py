@@ -1,8 +1,7 @@
 """Distributed training with Lightning: the ranks a signal or a lost rank stops, and the exit
-codes of a fit that stops. Launch
-environments and the shared run directory are in q8.lit.launch; Range BN's synchronisation
-across ranks is Q8Precision's `sync_range_bn`; each rank's own rounding noise is
-q8.lit.resume.ExactResume's.
+codes of a fit that stops. Launch environments and the shared run directory are in
+q8.lit.launch; Range BN's synchronisation across ranks is Q8Precision's `sync_range_bn`; each
+rank's own rounding noise is callbacks/exact_resume.py's.
 """
 
 from __future__ import annotations
@@ -18,8 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from q8.lit.callbacks.nan_guard import NonFiniteError
-from q8.lit.errors import StoppedBySignal
+from q8.lit.errors import NonFiniteError, StoppedBySignal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills a job
 

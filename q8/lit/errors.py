@@ -1,5 +1,6 @@
-"""Errors the application reports as one line and exit code 2: the user asked for something
-that cannot work (a typo, a missing data set), as opposed to a bug in q8."""
+"""Errors the application reports as one line, without a traceback: a UsageError (exit code 2)
+when the user asked for something that cannot work (a typo, a missing data set), as opposed to
+a bug in q8; a NonFiniteError (exit code 1) when training diverged."""
 
 
 class UsageError(Exception):
@@ -13,6 +14,11 @@ class DatasetNotFoundError(UsageError):
 class CheckpointWriteError(UsageError):
     """A checkpoint could not be written (disk full, quota, file size limit); the previous
     checkpoint at that path is left as it was."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a NaN or inf (callbacks.nan_guard.NanGuard); the message names the first
+    layer and tensor."""
 
 
 class StoppedBySignal(BaseException):

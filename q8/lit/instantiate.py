@@ -1,13 +1,16 @@
-"""Turning the Hydra configuration into objects, with mistakes reported as one line.
+"""Turning the Hydra configuration into objects, with mistakes reported as one line: the one
+module of q8.lit that uses Hydra.
 
 train.py composes the configuration and builds the run from it with these: every object that has
-a `_target_` in conf/ (data, trainer, callbacks, loggers, plugins) goes through `instantiate`, so
-that a bad value becomes a UsageError naming what could not be built, and `one_line` is what
-the user sees of it (exit code 2, no traceback).
+a `_target_` in conf/ (data, model, optimizer, scheduler, trainer, callbacks, loggers, plugins)
+goes through `instantiate`, so that a bad value becomes a UsageError naming what could not be
+built, and `one_line` is what the user sees of it (exit code 2, no traceback).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from typing import Any
 
@@ -18,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from q8.config import QuantConfig
 from q8.lit.errors import UsageError
+from q8.lit.loggers import start_wandb
 
 
 def build_quant_config(node: DictConfig) -> QuantConfig:
@@ -29,14 +33,35 @@ def build_quant_config(node: DictConfig) -> QuantConfig:
 
 
 def instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, with errors turned into one-line UsageErrors naming `what`."""
+    """hydra.utils.instantiate, with errors turned into one-line UsageErrors naming `what`; a
+    `_partial_` target is checked to take the keywords it was given, before it is called."""
     try:
-        return hydra.utils.instantiate(node, **kwargs)
+        built = hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as ex:
         if isinstance(ex.__cause__, UsageError):
             raise ex.__cause__ from None
         cause = ex.__cause__ or ex
         raise UsageError(f"cannot build {what}: {type(cause).__name__}: {cause}") from ex
+    if isinstance(built, functools.partial):
+        try:
+            inspect.signature(built.func).bind_partial(*built.args, **built.keywords)
+        except TypeError as ex:
+            raise UsageError(f"cannot build {what}: {node.get('_target_')}: {ex}") from ex
+    return built
+
+
+def instantiate_model(cfg: DictConfig, datamodule: Any) -> Any:
+    """The LightningModule of `cfg.model` for the datamodule's classes and channels, given the
+    optimizer and scheduler factories of `cfg.optimizer` and `cfg.scheduler` (`_partial_`).
+    Lists and dicts arrive as plain Python: the module's checkpoints hold them."""
+    return instantiate(
+        cfg.model, "model", _convert_="all",
+        num_classes=datamodule.num_classes,
+        in_chans=datamodule.in_chans,
+        optimizer=instantiate(cfg.optimizer, "optimizer", _convert_="all"),
+        scheduler=instantiate(cfg.scheduler, "scheduler", _convert_="all"),
+        compile=bool(cfg.get("compile", False)),
+    )
 
 
 def instantiate_group(node: DictConfig | None, what: str) -> list[Any]:
@@ -48,6 +73,15 @@ def instantiate_group(node: DictConfig | None, what: str) -> list[Any]:
         for key, sub in node.items()
         if isinstance(sub, DictConfig) and "_target_" in sub
     ]
+
+
+def instantiate_loggers(node: DictConfig | None) -> list[Any]:
+    """Every logger of the `logger` group; with W&B among them, its run started here, offline
+    without credentials (q8.lit.loggers.start_wandb)."""
+    build = functools.partial(instantiate_group, node, "logger")
+    if node and any("Wandb" in str(sub.get("_target_", "")) for sub in node.values()):
+        return start_wandb(build)
+    return build()
 
 
 def one_line(ex: BaseException) -> str:

@@ -1,31 +1,26 @@
-"""The run's loggers, built from conf/logger/, with W&B safe by default: offline unless
-credentials exist, never waiting on a network, falling back to offline if it cannot start."""
+"""The run's loggers with W&B safe by default: offline unless credentials exist, never waiting
+on a network, falling back to offline if it cannot start. q8.lit.instantiate builds them from
+conf/logger/ and calls `start_wandb`."""
 
 from __future__ import annotations
 
 import logging
 import netrc
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from omegaconf import DictConfig
-
-from q8.lit.instantiate import instantiate_group
-
 log = logging.getLogger(__name__)
 
 
-def create_loggers(node: DictConfig | None) -> list[Any]:
-    """Every logger of the `logger` group; W&B's run starts here, not mid-training."""
-    uses_wandb = node and any("Wandb" in str(sub.get("_target_", "")) for sub in node.values())
-    if not uses_wandb:
-        return instantiate_group(node, "logger")
+def start_wandb(build: Callable[[], list[Any]]) -> list[Any]:
+    """The loggers `build` makes, with W&B's run started here, not mid-training: offline without
+    credentials; built again, offline, if the online run cannot start."""
     choose_wandb_mode()
     os.environ.setdefault("WANDB_INIT_TIMEOUT", "60")
-    loggers = instantiate_group(node, "logger")
+    loggers = build()
     try:
         for logger in loggers:
             logger.experiment  # noqa: B018  (starts the W&B run)
@@ -33,7 +28,7 @@ def create_loggers(node: DictConfig | None) -> list[Any]:
         if os.environ.get("WANDB_MODE") == "offline":
             raise
         fall_back_to_offline(ex)
-        loggers = instantiate_group(node, "logger")
+        loggers = build()
     return loggers
 
 

@@ -3,23 +3,41 @@ the Trainer's q8.lightning.Q8Precision plugin (conf/trainer/default.yaml) rewrit
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
+from q8.lit.errors import UsageError
 from q8.lit.models import create_backbone
-from q8.lit.optim import create_optimizer, create_scheduler
+
+# conf/optimizer and conf/scheduler, built with `_partial_: true`: optimizer(params) and
+# scheduler(optimizer, total_steps=, steps_per_epoch=) (q8.lit.optim's factories)
+OptimizerFactory = Callable[[Iterator[torch.nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[..., LRScheduler]
+
+
+def _settings(factory: Any) -> dict[str, Any]:
+    """A factory as plain data for the checkpoint's hyperparameters (`_target_` and keywords,
+    as conf/ writes it), which load with weights_only=True; a dict is such a record already."""
+    if isinstance(factory, Mapping):
+        return dict(factory)
+    func = getattr(factory, "func", factory)  # a functools.partial's target
+    return {"_target_": f"{func.__module__}.{func.__qualname__}",
+            **getattr(factory, "keywords", {})}
 
 
 class ClassifierModule(L.LightningModule):
     """Image classifier on a timm backbone, in float: the Q8Precision plugin quantizes it.
 
-    `optimizer` and `scheduler` are the keyword settings of q8.lit.optim's factories.
-    `compile=True` compiles the backbone with torch.compile (in place: the state dict keeps its
-    keys); it is traced at its first call, after the plugin has quantized it.
+    `optimizer(params)` and `scheduler(optimizer, total_steps=, steps_per_epoch=)` build the
+    optimizer and its per-step lr schedule; the checkpoint records them as plain settings, so a
+    module loaded from it takes new ones to train on. `compile=True` compiles the backbone with
+    torch.compile (in place: the state dict keeps its keys), traced after the plugin's rewrite.
     """
 
     def __init__(
@@ -29,12 +47,14 @@ class ClassifierModule(L.LightningModule):
         in_chans: int = 3,
         small_input: bool = False,
         model_kwargs: Mapping[str, Any] | None = None,
-        optimizer: Mapping[str, Any] | None = None,
-        scheduler: Mapping[str, Any] | None = None,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         label_smoothing: float = 0.0,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        self.optimizer_factory = optimizer if callable(optimizer) else None
+        self.scheduler_factory = scheduler if callable(scheduler) else None
         self.save_hyperparameters(
             {
                 "model_name": model_name,
@@ -42,8 +62,8 @@ class ClassifierModule(L.LightningModule):
                 "in_chans": in_chans,
                 "small_input": small_input,
                 "model_kwargs": dict(model_kwargs or {}),
-                "optimizer": dict(optimizer or {"name": "sgd", "lr": 0.1, "momentum": 0.9}),
-                "scheduler": dict(scheduler or {"name": "constant"}),
+                "optimizer": _settings(optimizer or {}),
+                "scheduler": _settings(scheduler or {}),
                 "label_smoothing": label_smoothing,
             },
             logger=False,  # train.py logs the whole resolved config instead
@@ -92,17 +112,39 @@ class ClassifierModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = create_optimizer(self.parameters(), **self.hparams.optimizer)
+        if self.optimizer_factory is None or self.scheduler_factory is None:
+            raise UsageError("ClassifierModule has no optimizer or scheduler to train with (a "
+                             "checkpoint records their settings only): pass optimizer= and "
+                             "scheduler=, e.g. to load_from_checkpoint")
+        try:
+            optimizer = self.optimizer_factory(self.parameters())
+        except (TypeError, ValueError) as ex:
+            raise UsageError(f"the optimizer rejects its settings "
+                             f"{self.hparams.optimizer}: {ex}") from ex
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         epochs = (
             self.trainer.max_epochs
             if self.trainer.max_epochs and self.trainer.max_epochs > 0
             else 1
         )
-        scheduler = create_scheduler(
-            optimizer, total_steps, total_steps / epochs, **self.hparams.scheduler
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=total_steps, steps_per_epoch=total_steps / epochs
         )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def create_classifier(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    small_input: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
+    **module_args: Any,
+) -> ClassifierModule:
+    """ClassifierModule on timm's model `name`, built from conf/model/ (`name`, `small_input`,
+    `kwargs` for timm.create_model); `module_args` (optimizer, scheduler, label_smoothing,
+    compile) go to ClassifierModule."""
+    return ClassifierModule(name, num_classes, in_chans, small_input, kwargs, **module_args)

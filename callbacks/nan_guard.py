@@ -11,13 +11,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from q8.lit.errors import NonFiniteError
+
 log = logging.getLogger(__name__)
 ACTIONS = ("stop", "skip")
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-class NonFiniteError(RuntimeError):
-    """Training met a NaN or inf; the message names the first layer and tensor."""
 
 
 def first_non_finite(model: nn.Module, what: str) -> str | None:

@@ -1,97 +1,37 @@
-"""Fault tolerance: atomic checkpoint files, a checkpoint on SIGTERM/SIGUSR1 and every N steps.
+"""Checkpoints on a signal and every N steps: `ResumableCheckpoint`, Lightning's ModelCheckpoint
+plus:
 
-- `AtomicCheckpointIO` writes a checkpoint to a temporary file in the target directory and
-  `os.replace()`s it, so a kill never leaves a half-written `last.ckpt`.
-- `ResumableCheckpoint` is Lightning's ModelCheckpoint plus: SIGTERM and SIGUSR1 stop the run
-  after the current batch, every rank at the same step (the handler only records the signal;
-  the ranks agree on it at each batch end, then Lightning's loop raises SIGTERMException), and
-  on that exception `last.ckpt` is saved before the process exits (a signal during validation
-  takes effect when that validation ends: Lightning's resume from inside a validation would
-  skip the rest of it and reshuffle the next epoch differently); under SLURM with
-  auto_requeue, SLURM's requeue signal (SIGUSR1) instead makes every rank, at the same batch
-  end, run Lightning's requeue: save `hpc_ckpt_<n>.ckpt` and `scontrol requeue` the job;
-  `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
-  cannot be caught) loses at most that many steps; the temporary files of a write that a kill
-  interrupted are removed when the next run starts. `last.ckpt` is written at the end of
-  every epoch: Lightning >= 2.5 writes it only when the best checkpoint changed, which left it
-  epochs behind the run.
+- SIGTERM and SIGUSR1 stop the run after the current batch, every rank at the same step (the
+  handler only records the signal; the ranks agree on it at each batch end, then Lightning's
+  loop raises SIGTERMException), and on that exception `last.ckpt` is saved before the process
+  exits (a signal during validation takes effect when that validation ends: Lightning's resume
+  from inside a validation would skip the rest of it and reshuffle the next epoch differently);
+- under SLURM with auto_requeue, SLURM's requeue signal (SIGUSR1) instead makes every rank, at
+  the same batch end, run Lightning's requeue: save `hpc_ckpt_<n>.ckpt` and `scontrol requeue`
+  the job;
+- `last.ckpt` is also saved every `last_every_n_train_steps` steps, so that a SIGKILL (which
+  cannot be caught) loses at most that many steps, and at the end of every epoch: Lightning
+  >= 2.5 writes it only when the best checkpoint changed, which left it epochs behind the run.
+
+The files are written atomically by q8.lit.checkpoint_io.AtomicCheckpointIO (a Trainer plugin);
+the temporary files of a write that a kill interrupted are removed when the next run starts.
 """
 
 from __future__ import annotations
 
-import glob
-import os
 import signal
-import tempfile
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from q8.lit import lightning_internals
-from q8.lit.errors import CheckpointWriteError
-from q8.lit.resume import batches_into_epoch
-
-
-class _RecordingWriter:
-    """A file's write() and flush() that keep the OSError they raise: torch.save reports a failed
-    write as a RuntimeError without the reason."""
-
-    def __init__(self, file: Any) -> None:
-        self.file, self.error = file, None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as ex:
-            self.error = ex
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file in the same directory, then an atomic os.replace(). A
-    write that fails (disk full, quota, file size limit) removes the temporary file, leaves the
-    previous checkpoint as it was and raises CheckpointWriteError naming the file."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        path = os.fspath(path)
-        if "://" in path:  # remote file systems: fall back to Lightning's writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        directory = os.path.dirname(os.path.abspath(path))
-        name = os.path.basename(path)
-        tmp = None
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-            with os.fdopen(fd, "wb") as f:
-                writer = _RecordingWriter(f)
-                try:
-                    torch.save(checkpoint, writer)
-                except RuntimeError as ex:
-                    if writer.error is None:
-                        raise
-                    raise writer.error from ex
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as ex:
-            reason = ex.strerror or str(ex)
-            kept = "; the previous one is intact" if os.path.exists(path) else ""
-            raise CheckpointWriteError(f"cannot write checkpoint {path}: {reason}{kept}") from ex
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.remove(tmp)
-        return None
+from q8.lit.checkpoint_io import remove_interrupted_writes
+from q8.lit.train_order import batches_into_epoch
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -125,9 +65,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
-            # what AtomicCheckpointIO was writing when a kill stopped it
-            for tmp in glob.glob(os.path.join(self.dirpath, ".*.ckpt.*.tmp")):
-                os.remove(tmp)
+            remove_interrupted_writes(self.dirpath)
 
     def on_train_batch_end(
         self,

@@ -35,8 +35,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from callbacks.quant_metrics import act_outside_frac, cosine, quant_error, tensor_stats
 from q8.layers import QuantLayerMixin, explicit_padding
-from q8.lit.callbacks.quant_metrics import act_outside_frac, cosine, quant_error, tensor_stats
 from q8.norm import QuantNormMixin
 
 log = logging.getLogger(__name__)
