@@ -10,6 +10,7 @@ from q8.kernels import BACKENDS
 
 ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
+NORM_TYPES = ("standard", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -39,7 +40,9 @@ class QuantConfig:
 
     The defaults are the paper's setting: 8-bit weights, activations and layer gradient g_l,
     a 16-bit copy of g_l for the weight gradient (bifurcation), stochastic gradient rounding,
-    Range BN.
+    Range BN. LayerNorm and GroupNorm (`norm`) stay standard by default, quantized in and out
+    like BN (`bn_param_bits` covers their gamma/beta too); `norm="range"` normalises them by the
+    scaled range of each token / group instead.
     """
 
     weight_bits: int | None = 8  # W of every conv/linear, nearest rounding
@@ -48,6 +51,7 @@ class QuantConfig:
     wgrad_bits: int | None = 16  # copy of g_l used for dL/dW; None = fp32 copy
     grad_rounding: str = "stochastic"  # rounding of g_l (both copies)
     bn: str = "range"  # "range" (Range BN) or "batchnorm" (standard BN, quantized in/out)
+    norm: str = "standard"  # LayerNorm/GroupNorm: "standard" (quantized in/out) or "range"
     per_channel_weights: bool = False  # one range per output channel instead of per tensor
     act_momentum: float = 0.1  # EMA momentum of the activations' running range (used in eval)
     bn_param_bits: int | None = None  # quantize BN gamma/beta too (None: fp32, as the paper)
@@ -62,6 +66,7 @@ class QuantConfig:
             check_bits(f"QuantConfig.{name}", getattr(self, name))
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _check_choice("bn", self.bn, BN_TYPES)
+        _check_choice("norm", self.norm, NORM_TYPES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("gemm", self.gemm, GEMM_MODES)
@@ -112,9 +117,10 @@ class QuantConfig:
 
     @property
     def is_full_precision(self) -> bool:
-        """True when nothing is quantized and BN stays standard: quantize_model is a no-op."""
+        """True when nothing is quantized and every norm stays standard: quantize_model is a
+        no-op."""
         bits = (self.weight_bits, self.act_bits, self.grad_bits, self.wgrad_bits)
-        return all(b is None for b in bits) and self.bn == "batchnorm"
+        return all(b is None for b in bits) and self.bn == "batchnorm" and self.norm == "standard"
 
     @property
     def bifurcated(self) -> bool:
@@ -122,10 +128,11 @@ class QuantConfig:
         return self.wgrad_bits != self.grad_bits
 
     def short_str(self) -> str:
-        """A compact label, e.g. 'w8a8g8/16-sr-rangebn'."""
+        """A compact label, e.g. 'w8a8g8/16-sr-rangebn' ('-rangenorm' added for norm="range")."""
         def b(v: int | None) -> str:
             return "32" if v is None else str(v)
 
         g = b(self.grad_bits) + ("/" + b(self.wgrad_bits) if self.bifurcated else "")
         r = "sr" if self.grad_rounding == "stochastic" else "rn"
-        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{self.bn}bn"
+        norm = "-rangenorm" if self.norm == "range" else ""
+        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{self.bn}bn{norm}"

@@ -1,4 +1,5 @@
-"""Range Batch-Normalization and quantized BatchNorm (Banner et al. 2018, sec. 4).
+"""Range Batch-Normalization and quantized BatchNorm (Banner et al. 2018, sec. 4); quantized
+and range-based LayerNorm and GroupNorm.
 
 Range BN replaces the standard deviation by a scaled range, which needs no sum of squares:
 
@@ -9,6 +10,12 @@ computed per channel over chunks of the batch (n_k values each). With c(n) = 1/d
 d2(n) is the expected range of n standard Gaussians, sigma_hat is an unbiased estimate of sigma
 for every n ("exact"). The paper's c(n) = 1/sqrt(2 ln n) ("paper") and the 2018 code's constant
 ("hoffer2018") are kept for comparison. Eval uses the running statistics, as BN does.
+BatchNorm1d and BatchNorm3d run the same twins on their input viewed as (N, C, L, 1).
+
+LayerNorm and GroupNorm twins (any subclass: timm's LayerNorm2d, GroupNormAct...) keep the
+module's forward and reroute its F.layer_norm / F.group_norm call: an 8-bit input (codes kept
+for backward) and an 8-bit g_l, as BN. Their range variant normalises each row of n values
+(a token's features; a (sample, group)) by sigma_hat = c(n) (max - min) of the row.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from q8.config import QuantConfig
 from q8.functional import GradSpec, fake_quantize
@@ -264,7 +273,10 @@ class QuantNormMixin(ActRangeMixin):
 
     @float32_under_autocast
     def forward(self, x: Tensor) -> Tensor:
-        y = self._q8_normalize(x)
+        if x.dim() == 4:
+            y = self._q8_normalize(x)
+        else:  # BatchNorm1d's (N, C) and (N, C, L), BatchNorm3d's (N, C, D, H, W): as 4-D
+            y = self._q8_normalize(x.reshape(x.shape[0], x.shape[1], -1, 1)).reshape(x.shape)
         if isinstance(getattr(self, "act", None), nn.Module):  # timm BatchNormAct2d
             y = self.act(self.drop(y))
         return y
@@ -319,3 +331,237 @@ class QuantBatchNorm2d(QuantNormMixin, nn.BatchNorm2d):
 
 _TWINS[(RangeNormMixin, nn.BatchNorm2d)] = RangeBatchNorm2d
 _TWINS[(QuantNormMixin, nn.BatchNorm2d)] = QuantBatchNorm2d
+
+
+class QuantBatchNorm1d(QuantNormMixin, nn.BatchNorm1d):
+    """Standard BatchNorm1d with 8-bit input and output gradient, (N, C) or (N, C, L)."""
+
+
+class RangeBatchNorm1d(RangeNormMixin, nn.BatchNorm1d):
+    """BatchNorm1d as Range BN: (N, C) or (N, C, L) normalised as (N, C, L, 1)."""
+
+
+class QuantBatchNorm3d(QuantNormMixin, nn.BatchNorm3d):
+    """Standard BatchNorm3d with 8-bit input and output gradient."""
+
+
+class RangeBatchNorm3d(RangeNormMixin, nn.BatchNorm3d):
+    """BatchNorm3d as Range BN: (N, C, D, H, W) normalised as (N, C, D*H*W, 1)."""
+
+
+for _twin in (QuantBatchNorm1d, RangeBatchNorm1d, QuantBatchNorm3d, RangeBatchNorm3d):
+    _TWINS[_twin.__bases__] = _twin  # (mixin, base)
+
+
+# ---- LayerNorm and GroupNorm: statistics per sample ------------------------------------------
+# The values normalised together are one row of n values: a token's features (LayerNorm), a
+# (sample, group) (GroupNorm); the batch plays no part, so eval computes what training does.
+# Range LayerNorm / GroupNorm take sigma_hat = c(n) (max - min) of the row: Range BN with one
+# chunk, the row (docs/RANGE_BN.md).
+
+
+@dataclass(frozen=True)
+class SampleNormSpec:
+    """One F.layer_norm (`normalized_shape`: x's last dims) or F.group_norm (`groups`) call."""
+
+    normalized_shape: tuple[int, ...] | None
+    groups: int | None
+    eps: float
+    rule: str = "exact"  # c(n) of the range variant (range_scale)
+
+    def rows(self, x: Tensor) -> tuple[int, int]:
+        """x as (rows, n): each row is the n values normalised together."""
+        if self.groups is None:
+            n = math.prod(self.normalized_shape)
+            return x.numel() // n, n
+        rows = x.shape[0] * self.groups
+        return rows, x.numel() // rows
+
+    def affine_shape(self, x: Tensor) -> tuple[int, ...]:
+        """The shape of gamma and beta that broadcasts against x."""
+        if self.groups is None:
+            return self.normalized_shape
+        return (x.shape[1],) + (1,) * (x.dim() - 2)
+
+
+class QuantSampleNormFn(torch.autograd.Function):
+    """Standard LayerNorm / GroupNorm on an 8-bit input, with an 8-bit output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_lo, x_hi, spec: SampleNormSpec, act_bits,  # noqa: ANN001, ANN205
+                grad: GradSpec, kernels: Kernels):  # noqa: ANN001
+        x_hat, saved_x = kernels.on(x).quantize_input(x, x_lo, x_hi, act_bits)
+        if spec.groups is None:
+            y, mean, rstd = torch.ops.aten.native_layer_norm(
+                x_hat, spec.normalized_shape, weight, bias, spec.eps)
+        else:
+            N, C = x.shape[:2]
+            y, mean, rstd = torch.ops.aten.native_group_norm(
+                x_hat.contiguous(), weight, bias, N, C, x.numel() // (N * C), spec.groups,
+                spec.eps)
+        ctx.spec, ctx.grad, ctx.kernels, ctx.n_x = spec, grad, kernels, len(saved_x)
+        ctx.save_for_backward(*saved_x, weight, bias, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        k = ctx.kernels.on(gy)
+        spec: SampleNormSpec = ctx.spec
+        saved = ctx.saved_tensors
+        x_hat = k.restore(saved[: ctx.n_x])
+        weight, bias, mean, rstd = saved[ctx.n_x :]
+        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], bias is not None and need[2]]
+        if spec.groups is None:
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                g, x_hat, spec.normalized_shape, mean, rstd, weight, bias, mask)
+        else:
+            N, C = x_hat.shape[:2]
+            gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+                g.contiguous(), x_hat.contiguous(), mean, rstd, weight, N, C,
+                x_hat.numel() // (N * C), spec.groups, mask)
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+class RangeSampleNormFn(torch.autograd.Function):
+    """LayerNorm / GroupNorm normalised by each row's scaled range, on an 8-bit input, with an
+    8-bit output gradient:  y = (x - mean) / S * gamma + beta,  S = sqrt(sigma_hat^2 + eps),
+    sigma_hat = c(n) (max - min), mean, max and min over the row's n values."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_lo, x_hi, spec: SampleNormSpec, act_bits,  # noqa: ANN001, ANN205
+                grad: GradSpec, kernels: Kernels):  # noqa: ANN001
+        x_hat, saved_x = kernels.on(x).quantize_input(x, x_lo, x_hi, act_bits)
+        rows, n = spec.rows(x)
+        v = x_hat.reshape(rows, n)
+        mean = v.mean(-1, keepdim=True)
+        v_max, v_min = v.amax(-1, keepdim=True), v.amin(-1, keepdim=True)
+        c = range_scale(n, spec.rule)
+        sigma = (v_max - v_min) * c
+        S = torch.sqrt(sigma * sigma + spec.eps)
+        y = ((v - mean) / S).reshape(x.shape)
+        shape = spec.affine_shape(x)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        ctx.spec, ctx.grad, ctx.kernels, ctx.n_x, ctx.c = spec, grad, kernels, len(saved_x), c
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.save_for_backward(*saved_x, weight, mean, sigma, S, v_max, v_min)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        k = ctx.kernels.on(gy)
+        spec: SampleNormSpec = ctx.spec
+        saved = ctx.saved_tensors
+        x_hat = k.restore(saved[: ctx.n_x])
+        weight, mean, sigma, S, v_max, v_min = saved[ctx.n_x :]
+        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
+        g = g.contiguous()  # sums in one order on every backend (gy may come permuted)
+        rows, n = spec.rows(x_hat)
+        shape = spec.affine_shape(x_hat)
+        v = x_hat.reshape(rows, n)
+        x_tilde = (v - mean) / S
+        g_gamma = g_beta = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            g_gamma = (g * x_tilde.reshape(g.shape)).sum_to_size(shape).reshape(weight.shape)
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            g_beta = g.sum_to_size(shape).reshape(ctx.bias_shape)
+        h = (g * weight.view(shape) if weight is not None else g).reshape(rows, n)  # dL/dx_tilde
+        # the mean's gradient centres h; S's, dL/dS = -sum(h x_tilde) / S, reaches x through
+        # dS/dsigma = sigma / S and dsigma/dx = c(n) at the row's max, -c(n) at its min
+        # (shared among ties)
+        grad_range = -(h * x_tilde).sum(-1, keepdim=True) / S * (sigma / S) * ctx.c
+        at_max, at_min = (v == v_max).to(v.dtype), (v == v_min).to(v.dtype)
+        gx = (h - h.mean(-1, keepdim=True)) / S + grad_range * (
+            at_max / at_max.sum(-1, keepdim=True) - at_min / at_min.sum(-1, keepdim=True))
+        return gx.reshape(gy.shape), g_gamma, g_beta, None, None, None, None, None, None
+
+
+class _RerouteNorm(TorchFunctionMode):
+    """Inside a twin's forward, send F.layer_norm / F.group_norm to the quantized function."""
+
+    def __init__(self, layer: QuantSampleNormMixin) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return self.layer._q8_layer_norm(*args, **kwargs)
+        if func is F.group_norm:
+            return self.layer._q8_group_norm(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class QuantSampleNormMixin(ActRangeMixin):
+    """Quantized LayerNorm / GroupNorm in place of any nn.LayerNorm / nn.GroupNorm (timm's
+    LayerNorm2d, LayerNormAct, GroupNormAct... too): the module's own forward runs, its
+    F.layer_norm / F.group_norm call rerouted to the quantized function. `bn_param_bits`
+    quantizes gamma and beta, as for BN."""
+
+    twin_prefix = "Quant"
+    q8_norm = "standard"
+
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self._q8_init_range(config, kernels)
+        self.q8_grad = GradSpec(config.grad_bits, config.grad_bits, config.grad_rounding)
+
+    @float32_under_autocast
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        with _RerouteNorm(self):
+            return super().forward(x, *args, **kwargs)
+
+    def _q8_layer_norm(self, x: Tensor, normalized_shape: list[int], weight: Tensor | None = None,
+                       bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+        if x.numel() == 0:
+            return F.layer_norm(x, normalized_shape, weight, bias, eps)
+        spec = SampleNormSpec(tuple(normalized_shape), None, eps, self.q8_config.range_bn_scale)
+        return self._q8_apply(x, weight, bias, spec)
+
+    def _q8_group_norm(self, x: Tensor, num_groups: int, weight: Tensor | None = None,
+                       bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+        if x.numel() == 0:
+            return F.group_norm(x, num_groups, weight, bias, eps)
+        spec = SampleNormSpec(None, num_groups, eps, self.q8_config.range_bn_scale)
+        return self._q8_apply(x, weight, bias, spec)
+
+    def _q8_apply(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  spec: SampleNormSpec) -> Tensor:
+        cfg: QuantConfig = self.q8_config
+        if cfg.bn_param_bits is not None:
+            weight, bias = (None if p is None else fake_quantize(p, cfg.bn_param_bits)
+                            for p in (weight, bias))
+        lo, hi = self._q8_input_range(x) if cfg.act_bits is not None else (None, None)
+        fn = RangeSampleNormFn if self.q8_norm == "range" else QuantSampleNormFn
+        return fn.apply(x, weight, bias, lo, hi, spec, cfg.act_bits, self.q8_grad,
+                        self.q8_kernels)
+
+
+class RangeSampleNormMixin(QuantSampleNormMixin):
+    """Range LayerNorm / GroupNorm in place of an nn.LayerNorm / nn.GroupNorm."""
+
+    twin_prefix = "Range"
+    q8_norm = "range"
+
+
+class QuantLayerNorm(QuantSampleNormMixin, nn.LayerNorm):
+    """Standard LayerNorm with 8-bit input and output gradient."""
+
+
+class RangeLayerNorm(RangeSampleNormMixin, nn.LayerNorm):
+    """LayerNorm normalised by each token's scaled range, with 8-bit input and gradient."""
+
+
+class QuantGroupNorm(QuantSampleNormMixin, nn.GroupNorm):
+    """Standard GroupNorm with 8-bit input and output gradient."""
+
+
+class RangeGroupNorm(RangeSampleNormMixin, nn.GroupNorm):
+    """GroupNorm normalised by each (sample, group)'s scaled range, 8-bit input and gradient."""
+
+
+for _twin in (QuantLayerNorm, RangeLayerNorm, QuantGroupNorm, RangeGroupNorm):
+    _TWINS[_twin.__bases__] = _twin
