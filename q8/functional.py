@@ -11,9 +11,11 @@ of the method, the backends the arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from q8 import gemm
@@ -47,17 +49,20 @@ class LayerSpec:
     per_channel: bool
     grad: GradSpec
     gemm: str = "dequantized"  # q8.gemm.MODES
-    # conv only (None for linear)
+    # conv only (None for linear): one entry per spatial dimension
     stride: tuple | None = None
     padding: tuple | None = None
     dilation: tuple | None = None
     groups: int = 1
+    transposed: bool = False
+    output_padding: tuple = ()
 
     @property
     def geometry(self) -> Geometry | None:
         if self.stride is None:
             return None
-        return Geometry(self.stride, self.padding, self.dilation, self.groups)
+        return Geometry(self.stride, self.padding, self.dilation, self.groups, self.transposed,
+                        self.output_padding)
 
 
 class BifurcatedLayerFn(torch.autograd.Function):
@@ -127,6 +132,62 @@ class ReLUFn(torch.autograd.Function):
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         (packed,) = ctx.saved_tensors
         return ctx.kernels.on(gy).relu_backward(gy, packed), None, None
+
+
+def _out_of_place(f: Callable[[Tensor], Tensor]) -> Callable[[Tensor, bool], Tensor]:
+    return lambda x, inplace: x.copy_(f(x)) if inplace else f(x)
+
+
+_aten = torch.ops.aten
+# kind: (f(x, inplace), (g, x) -> g f'(x)), PyTorch's own ops for both
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor, bool], Tensor],
+                             Callable[[Tensor, Tensor], Tensor]]] = {
+    "gelu": (_out_of_place(F.gelu), lambda g, x: _aten.gelu_backward(g, x)),
+    "gelu_tanh": (_out_of_place(lambda x: F.gelu(x, approximate="tanh")),
+                  lambda g, x: _aten.gelu_backward(g, x, approximate="tanh")),
+    "silu": (F.silu, _aten.silu_backward),
+    "hardswish": (F.hardswish, _aten.hardswish_backward),
+    "hardsigmoid": (F.hardsigmoid, _aten.hardsigmoid_backward),
+    "mish": (F.mish, _aten.mish_backward),
+    "sigmoid": (lambda x, inplace: x.sigmoid_() if inplace else x.sigmoid(),
+                lambda g, x: _aten.sigmoid_backward(g, x.sigmoid())),
+    "tanh": (lambda x, inplace: x.tanh_() if inplace else x.tanh(),
+             lambda g, x: _aten.tanh_backward(g, x.tanh())),
+}
+
+
+class ActivationFn(torch.autograd.Function):
+    """y = f(x) exactly, for an elementwise f (a kind of ACTIVATIONS); its backward keeps x as
+    codes of `bits` over x's own [min, max] (nearest rounding, the layer inputs' quantizer) and
+    returns g f'(x_hat).
+
+    The cost of that: |x_hat - x| <= s/2, s = (max(hi, 0) - min(lo, 0)) / (2^B - 2), so
+    |f'(x_hat) - f'(x)| <= max|f''| s/2 (mean value theorem), where max|f''| over the reals is
+    sqrt(2/pi) = 0.80 for GELU (both approximations), 0.5 for SiLU, 0.64 for Mish,
+    1/(6 sqrt 3) = 0.096 for Sigmoid, 4/(3 sqrt 3) = 0.77 for Tanh, 1/3 for Hardswish and 0 for
+    Hardsigmoid. Those two have kinks at +-3 where f' jumps (by 1/2 and 1/6): for x within
+    s/2 of a kink, f'(x_hat) may be the other side's slope.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kind: str, inplace: bool, bits: int,  # noqa: ANN001, ANN205
+                kernels: Kernels):
+        lo, hi = minmax(x.detach())
+        wide = x if x.dtype == torch.float32 else x.float()
+        # the codes are taken before f may overwrite x
+        _, saved = kernels.on(x).quantize_input(wide, lo.float(), hi.float(), bits)
+        del wide
+        if inplace:
+            ctx.mark_dirty(x)
+        y = ACTIVATIONS[kind][0](x, inplace)
+        ctx.kind, ctx.kernels = kind, kernels
+        ctx.save_for_backward(*saved)
+        return x if inplace else y  # x itself: what torch.compile requires of a dirty input
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        x_hat = ctx.kernels.on(gy).restore(ctx.saved_tensors).to(gy.dtype)
+        return ACTIVATIONS[ctx.kind][1](gy, x_hat), None, None, None, None
 
 
 class MaxPool2dFn(torch.autograd.Function):

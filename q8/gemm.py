@@ -12,11 +12,15 @@
   differs from `dequantized` by fp32 accumulation and the rounding of the bf16 output (2^-8 of
   each output at most).
 - `int8`: torch._int_mm (int8 x int8 -> int32, exact) for the forward and the data path where the
-  GEMM is a plain matrix product (linear layers; 1x1, stride-1 convolutions), with zero-point
-  corrections from row and column sums; `codes` elsewhere.
+  GEMM is a plain matrix product (linear layers; 1x1, stride-1 convolutions of any dimension),
+  with zero-point corrections from row and column sums; `codes` elsewhere.
+
+Convolutions of 1, 2 or 3 spatial dimensions, plain or transposed, run as aten.convolution and
+aten.convolution_backward on their `Geometry`.
 
 A GEMM whose operands are not all codes of at most 8 bits (a full-precision tensor, more bits,
-or per-channel weights inside the data path's sum) runs `dequantized`.
+or per-channel weights inside the data path's sum, or inside a transposed convolution's forward
+sum: its weight's first dimension is the input channels) runs `dequantized`.
 """
 
 from __future__ import annotations
@@ -61,18 +65,28 @@ class Operand(NamedTuple):
 
 
 class Geometry(NamedTuple):
-    """A convolution's stride, padding, dilation and groups (None for a linear layer)."""
+    """A convolution's stride, padding, dilation (one entry per spatial dimension) and groups;
+    `transposed` with its output_padding for a transposed convolution (None for a linear
+    layer)."""
 
     stride: tuple
     padding: tuple
     dilation: tuple
     groups: int
+    transposed: bool = False
+    output_padding: tuple = ()
+
+    def args(self) -> tuple:
+        """What aten.convolution and aten.convolution_backward take after the tensors."""
+        return (self.stride, self.padding, self.dilation, self.transposed,
+                self.output_padding or (0,) * len(self.stride), self.groups)
 
 
 def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | None,
             mode: str) -> Tensor:
     """y = x W^T (+ b), or conv(x, W) (+ b)."""
-    if mode == "dequantized" or not (x.narrow() and w.narrow()):
+    if mode == "dequantized" or not (x.narrow() and w.narrow()) or (
+            geometry is not None and geometry.transposed and w.scale.numel() > 1):
         return _apply(x.dequantized(), w.dequantized(), bias, geometry)
     scale = x.scale * w.scale.reshape(-1)  # s_x s_w, per output channel for per-channel W
     if mode == "int8" and _is_matmul(geometry, w.values.shape):
@@ -82,7 +96,7 @@ def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | No
                                       w.zero_point.reshape(-1)) * scale)
             return y if bias is None else y + _per_channel(bias, geometry)
     y = _apply(x.values, w.values, None, geometry).float()  # a new tensor: scaled in place
-    y.mul_(scale if geometry is None else scale.view(1, -1, 1, 1))
+    y.mul_(_per_channel(scale, geometry))
     return y if bias is None else y.add_(_per_channel(bias, geometry))
 
 
@@ -93,10 +107,9 @@ def weight_grads(g: Operand, x: Operand | None, w: Operand, x_shape: torch.Size,
     needed). w is read for its shape alone."""
     if mode == "dequantized" and geometry is not None:  # one convolution backward call
         g_hat, x_hat = g.dequantized(), None if x is None else x.dequantized()
-        args = ([w_shape[0]] if need_bias else None, geometry.stride, geometry.padding,
-                geometry.dilation, False, [0, 0], geometry.groups)
         _, gw, gb = torch.ops.aten.convolution_backward(
-            g_hat, _like(x_hat, x_shape, g_hat), _like(w.values, w_shape, g_hat), *args,
+            g_hat, _like(x_hat, x_shape, g_hat), _like(w.values, w_shape, g_hat),
+            [g_hat.shape[1]] if need_bias else None, *geometry.args(),
             [False, x is not None, need_bias])
         return gw, gb
     gw = None if x is None else _grad_weight(g, x, w, w_shape, geometry, mode)
@@ -104,7 +117,7 @@ def weight_grads(g: Operand, x: Operand | None, w: Operand, x_shape: torch.Size,
     if need_bias:
         values = g.dequantized()
         gb = values.reshape(-1, values.shape[-1]).sum(0) if geometry is None else values.sum(
-            (0, 2, 3))
+            [0, *range(2, values.dim())])
     return gw, gb
 
 
@@ -172,7 +185,7 @@ def _as_on_a_gpu(product: Callable[..., Tensor]) -> Callable[..., Tensor]:
 def _apply(x: Tensor, w: Tensor, bias: Tensor | None, geometry: Geometry | None) -> Tensor:
     if geometry is None:
         return F.linear(x, w, bias)
-    return F.conv2d(x, w, bias, *geometry)
+    return torch.ops.aten.convolution(x, w, bias, *geometry.args())
 
 
 @_as_on_a_gpu
@@ -181,8 +194,7 @@ def _input_product(g: Tensor, w: Tensor, x_shape: torch.Size, geometry: Geometry
     if geometry is None:  # linear over any leading dims: (..., out) -> (..., in)
         return g @ w
     return torch.ops.aten.convolution_backward(
-        g, _like(None, x_shape, g), w, None, geometry.stride, geometry.padding,
-        geometry.dilation, False, [0, 0], geometry.groups, [True, False, False])[0]
+        g, _like(None, x_shape, g), w, None, *geometry.args(), [True, False, False])[0]
 
 
 @_as_on_a_gpu
@@ -191,20 +203,22 @@ def _weight_product(g: Tensor, x: Tensor, w_like: Tensor, w_shape: torch.Size,
     if geometry is None:
         return g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
     return torch.ops.aten.convolution_backward(
-        g, x, _like(w_like, w_shape, x), None, geometry.stride, geometry.padding,
-        geometry.dilation, False, [0, 0], geometry.groups, [False, True, False])[1]
+        g, x, _like(w_like, w_shape, x), None, *geometry.args(), [False, True, False])[1]
 
 
-def _per_channel(bias: Tensor, geometry: Geometry | None) -> Tensor:
-    return bias if geometry is None else bias.view(1, -1, 1, 1)
+def _per_channel(v: Tensor, geometry: Geometry | None) -> Tensor:
+    """A per-output-channel v (bias, scale) shaped to broadcast against the layer's output."""
+    return v if geometry is None else v.view(1, -1, *[1] * len(geometry.stride))
 
 
 def _is_matmul(geometry: Geometry | None, w_shape: torch.Size) -> bool:
-    """A linear layer, or a 1x1 stride-1 unpadded ungrouped convolution: a plain product."""
+    """A linear layer, or a 1x1 (1x1x1...) stride-1 unpadded ungrouped convolution, not
+    transposed: a plain product."""
     if geometry is None:
         return True
-    return (tuple(w_shape[2:]) == (1, 1) and geometry.stride == (1, 1) and
-            geometry.padding == (0, 0) and geometry.groups == 1)
+    return (all(k == 1 for k in w_shape[2:]) and all(s == 1 for s in geometry.stride) and
+            all(p == 0 for p in geometry.padding) and geometry.groups == 1
+            and not geometry.transposed)
 
 
 def _int_mm_fits(m: int, k: int, n: int) -> bool:
@@ -220,9 +234,9 @@ def _rows(t: Tensor, geometry: Geometry | None):  # noqa: ANN202
     if geometry is None:
         lead = t.shape[:-1]
         return t.reshape(-1, t.shape[-1]), lambda y: y.reshape(*lead, y.shape[-1])
-    n, _, h, w = t.shape  # 1x1 convolution: channels are the product's k
-    rows = t.permute(0, 2, 3, 1).reshape(n * h * w, -1)
-    return rows, lambda y: y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+    lead = (t.shape[0], *t.shape[2:])  # 1x1 convolution: channels are the product's k
+    rows = t.movedim(1, -1).reshape(-1, t.shape[1])
+    return rows, lambda y: y.reshape(*lead, -1).movedim(-1, 1)
 
 
 def _int8_product(a: Tensor, a_zero: Tensor, b: Tensor, b_zero: Tensor) -> Tensor:

@@ -1,7 +1,8 @@
-"""Quantized twins of nn.Conv2d, nn.Linear, nn.ReLU and nn.MaxPool2d.
+"""Quantized twins of nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.ReLU,
+nn.MaxPool2d and the elementwise activations (GELU, SiLU, Hardswish, Sigmoid, ...).
 
 A twin subclasses the module it replaces (so `state_dict` keys and isinstance checks hold) and
-keeps that module's own forward: it only reroutes the F.conv2d / F.linear call inside it to the
+keeps that module's own forward: it only reroutes the F.conv* / F.linear call inside it to the
 bifurcated autograd function. So timm's Conv2dSame (dynamic padding), StdConv2d (weight
 standardisation) and its own Linear keep their behaviour, quantized around it.
 """
@@ -18,7 +19,14 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from q8.config import QuantConfig
-from q8.functional import BifurcatedLayerFn, GradSpec, LayerSpec, MaxPool2dFn, ReLUFn
+from q8.functional import (
+    ActivationFn,
+    BifurcatedLayerFn,
+    GradSpec,
+    LayerSpec,
+    MaxPool2dFn,
+    ReLUFn,
+)
 from q8.kernels import Kernels
 from q8.kernels.reference import minmax
 
@@ -74,17 +82,36 @@ def explicit_padding(x: Tensor, padding: int | tuple | str, dilation: tuple,
     the odd pixel at the end); integer padding is returned as it is."""
     if padding == "same":
         total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-        x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2,
-                      total[0] // 2, total[0] - total[0] // 2))
-    return x, ((0, 0) if isinstance(padding, str) else padding)
+        x = F.pad(x, [p for t in reversed(total) for p in (t // 2, t - t // 2)])
+    return x, ((0,) * len(kernel_size) if isinstance(padding, str) else padding)
+
+
+def _ntuple(v: int | tuple, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
 
 def _pair(v: int | tuple) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return _ntuple(v, 2)
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                "dilation")
+# F.* GEMM: (the twin's method that runs it quantized, with the same arguments; their names)
+_ROUTES = {
+    F.linear: ("_q8_linear", _LINEAR_ARGS),
+    F.conv1d: ("_q8_conv1d", _CONV_ARGS),
+    F.conv2d: ("_q8_conv2d", _CONV_ARGS),
+    F.conv3d: ("_q8_conv3d", _CONV_ARGS),
+    F.conv_transpose1d: ("_q8_conv_transpose1d", _CONV_T_ARGS),
+    F.conv_transpose2d: ("_q8_conv_transpose2d", _CONV_T_ARGS),
+    F.conv_transpose3d: ("_q8_conv_transpose3d", _CONV_T_ARGS),
+}
 
 
 class _Reroute(TorchFunctionMode):
-    """Inside a twin's forward, send F.conv2d / F.linear to the quantized layer function."""
+    """Inside a twin's forward, send F.conv* / F.linear to the quantized layer function."""
 
     def __init__(self, layer: QuantLayerMixin) -> None:
         super().__init__()
@@ -92,10 +119,9 @@ class _Reroute(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        if func is F.conv2d:
-            return self.layer._q8_conv2d(*args, **kwargs)
-        if func is F.linear:
-            return self.layer._q8_linear(*args, **kwargs)
+        route = _ROUTES.get(func)
+        if route is not None:
+            return getattr(self.layer, route[0])(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -118,7 +144,7 @@ _IN_Q8_GEMM = [0]  # q8 GEMM calls running: inside one, a weight-reading module 
 
 
 class _RerouteWeights(TorchFunctionMode):
-    """Inside the forward of a module whose own code reads a twin's weight, F.linear / F.conv2d
+    """Inside the forward of a module whose own code reads a twin's weight, F.linear / F.conv*
     on that weight run the twin's quantized GEMM (timm's BEiT, EVA and SwinV2 attention call
     F.linear(x, self.qkv.weight, qkv_bias) to add their own q and v biases)."""
 
@@ -128,18 +154,15 @@ class _RerouteWeights(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
-        if (func is F.linear or func is F.conv2d) and not _IN_Q8_GEMM[0]:
-            names = _LINEAR_ARGS if func is F.linear else _CONV_ARGS
+        route = _ROUTES.get(func)
+        if route is not None and not _IN_Q8_GEMM[0]:
+            method, names = route
             call = dict(zip(names, args)) | kwargs
             for twin in self.twins:
                 if call["weight"] is twin.weight:
                     x = call.pop("input")
-                    return (twin._q8_linear if func is F.linear else twin._q8_conv2d)(x, **call)
+                    return getattr(twin, method)(x, **call)
         return func(*args, **kwargs)
-
-
-_LINEAR_ARGS = ("input", "weight", "bias")
-_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 class WeightReaderMixin:
@@ -159,7 +182,7 @@ class WeightReaderMixin:
 
 def reads_child_weights(module: nn.Module) -> bool:
     """Whether `module` has a conv/linear twin among its children and its own forward reads an
-    attribute named `weight`: it may hand that twin's weight to F.linear / F.conv2d itself."""
+    attribute named `weight`: it may hand that twin's weight to F.linear / F.conv* itself."""
     code = getattr(type(module).forward, "__code__", None)
     return (code is not None and "weight" in code.co_names
             and any(isinstance(m, QuantLayerMixin) for m in module.children()))
@@ -177,9 +200,9 @@ class QuantLayerMixin(ActRangeMixin):
                                  grad, config.gemm)
 
     @float32_under_autocast
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # ConvTranspose: output_size
         with _Reroute(self):
-            return super().forward(x)
+            return super().forward(x, *args, **kwargs)
 
     def _q8_apply(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec) -> Tensor:
         lo, hi = self._q8_input_range(x) if spec.act_bits is not None else (None, None)
@@ -192,22 +215,85 @@ class QuantLayerMixin(ActRangeMixin):
     def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._q8_apply(x, weight, bias, self.q8_spec)
 
-    def _q8_conv2d(self, x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                   stride: int | tuple = 1, padding: int | tuple | str = 0,
-                   dilation: int | tuple = 1, groups: int = 1) -> Tensor:
-        dilation = _pair(dilation)
-        x, padding = explicit_padding(x, padding, dilation, weight.shape[-2:])
-        spec = dataclasses.replace(self.q8_spec, stride=_pair(stride), padding=_pair(padding),
-                                   dilation=dilation, groups=groups)
+    def _q8_conv(self, dims: int, x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 stride: int | tuple = 1, padding: int | tuple | str = 0,
+                 dilation: int | tuple = 1, groups: int = 1) -> Tensor:
+        """F.conv{dims}d(x, weight, ...), quantized."""
+        dilation = _ntuple(dilation, dims)
+        x, padding = explicit_padding(x, padding, dilation, weight.shape[2:])
+        spec = dataclasses.replace(self.q8_spec, stride=_ntuple(stride, dims),
+                                   padding=_ntuple(padding, dims), dilation=dilation,
+                                   groups=groups)
+        return self._q8_batched(dims, x, weight, bias, spec)
+
+    def _q8_conv_transpose(self, dims: int, x: Tensor, weight: Tensor,
+                           bias: Tensor | None = None, stride: int | tuple = 1,
+                           padding: int | tuple = 0, output_padding: int | tuple = 0,
+                           groups: int = 1, dilation: int | tuple = 1) -> Tensor:
+        """F.conv_transpose{dims}d(x, weight, ...), quantized."""
+        spec = dataclasses.replace(
+            self.q8_spec, stride=_ntuple(stride, dims), padding=_ntuple(padding, dims),
+            dilation=_ntuple(dilation, dims), groups=groups, transposed=True,
+            output_padding=_ntuple(output_padding, dims))
+        return self._q8_batched(dims, x, weight, bias, spec)
+
+    def _q8_batched(self, dims: int, x: Tensor, weight: Tensor, bias: Tensor | None,
+                    spec: LayerSpec) -> Tensor:
+        if x.dim() == dims + 1:  # an unbatched input, which F.conv*d takes
+            return self._q8_apply(x.unsqueeze(0), weight, bias, spec).squeeze(0)
         return self._q8_apply(x, weight, bias, spec)
+
+    # one method per F.conv*: plain methods, which torch.compile traces (partialmethod not)
+
+    def _q8_conv1d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv(1, x, *args, **kwargs)
+
+    def _q8_conv2d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv(2, x, *args, **kwargs)
+
+    def _q8_conv3d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv(3, x, *args, **kwargs)
+
+    def _q8_conv_transpose1d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv_transpose(1, x, *args, **kwargs)
+
+    def _q8_conv_transpose2d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv_transpose(2, x, *args, **kwargs)
+
+    def _q8_conv_transpose3d(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self._q8_conv_transpose(3, x, *args, **kwargs)
+
+
+class QuantConv1d(QuantLayerMixin, nn.Conv1d):
+    """nn.Conv1d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """nn.Conv2d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
 
 
+class QuantConv3d(QuantLayerMixin, nn.Conv3d):
+    """nn.Conv3d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+class QuantConvTranspose1d(QuantLayerMixin, nn.ConvTranspose1d):
+    """nn.ConvTranspose1d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+class QuantConvTranspose2d(QuantLayerMixin, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+class QuantConvTranspose3d(QuantLayerMixin, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """nn.Linear with 8-bit weights and input, and a bifurcated 8/16-bit backward."""
+
+
+GEMM_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d, nn.ConvTranspose3d)  # the classes QuantLayerMixin twins
 
 
 class _KernelsMixin:
@@ -240,6 +326,50 @@ class QuantMaxPool2d(_KernelsMixin, nn.MaxPool2d):
         return MaxPool2dFn.apply(x, geometry, self.q8_kernels)
 
 
+_ACTIVATIONS = {nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid",
+                nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_TIMM_ACTIVATIONS = {  # timm.layers.activations' plain wrappers, by class name
+    "GELU": "gelu", "GELUTanh": "gelu_tanh", "Swish": "silu", "HardSwish": "hardswish",
+    "HardSigmoid": "hardsigmoid", "Mish": "mish", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+
+
+def activation_kind(module: nn.Module) -> str | None:
+    """The elementwise function `module` computes (a key of q8.functional.ACTIVATIONS), from
+    its class exactly (a subclass may compute something else) or, for a twin, the class it was
+    made from; None for any other module."""
+    cls = next(c for c in type(module).__mro__ if c.__module__.split(".")[0] != "q8")
+    if cls is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if cls.__module__ == "timm.layers.activations":
+        return _TIMM_ACTIVATIONS.get(cls.__qualname__)
+    return _ACTIVATIONS.get(cls)
+
+
+class QuantActivationMixin(_KernelsMixin):
+    """An elementwise activation whose backward keeps its input as codes of `act_bits` (one
+    byte per element at 8 bits) instead of a float32 tensor. The forward is f(x) exactly,
+    PyTorch's op of f (the native op for timm's wrappers, as timm's own factory picks); the
+    backward is g f'(x_hat): q8.functional.ActivationFn says what that approximation costs.
+    The in-place flag is kept."""
+
+    twin_prefix = "Quant"
+
+    def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        config = q8_config or QuantConfig()
+        self._q8_setup(config, Kernels(config.backend))
+
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        self.q8_kernels, self.q8_bits = kernels, config.act_bits
+        self.q8_kind = activation_kind(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.q8_bits is None or not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        inplace = bool(getattr(self, "inplace", False))
+        return ActivationFn.apply(x, self.q8_kind, inplace, self.q8_bits, self.q8_kernels)
+
+
 _TWINS: dict[tuple[type, type], type] = {}
 
 
@@ -252,5 +382,6 @@ def twin_class(mixin: type, base: type) -> type:
     return _TWINS[key]
 
 
-_TWINS[(QuantLayerMixin, nn.Conv2d)] = QuantConv2d
-_TWINS[(QuantLayerMixin, nn.Linear)] = QuantLinear
+for _twin in (QuantConv1d, QuantConv2d, QuantConv3d, QuantConvTranspose1d, QuantConvTranspose2d,
+              QuantConvTranspose3d, QuantLinear):
+    _TWINS[(QuantLayerMixin, _twin.__bases__[1])] = _twin
