@@ -39,15 +39,42 @@ MAX_GRID_BITS = 16  # the weight-gradient copy of g_l: the most bits a quantized
 
 
 def grid_bits(t: Tensor) -> int | None:
-    """The bits of the uniform grid that t's values lie on (per tensor, else per slice of dim 0),
-    or None for values on no grid of at most 2^16 levels (full precision)."""
+    """The bits of the uniform grid that t's values lie on (per tensor, else per slice of dim 0,
+    else per row or per column of its last two dimensions), or None for values on no grid of at
+    most 2^16 levels (full precision)."""
     if not t.is_floating_point():
         return 8 * t.element_size()
     bits = _grid_bits(t.detach().flatten())
     if bits is None and t.dim() >= 2 and t.shape[0] > 1:  # per output channel
         rows = [_grid_bits(row.flatten()) for row in t.detach()]
         bits = None if any(b is None for b in rows) else max(rows)
+    if bits is None and t.dim() >= 2:  # per row, or per column (a transposed operand)
+        bits = _row_grid_bits(t.detach())
+        bits = _row_grid_bits(t.detach().mT) if bits is None else bits
     return bits
+
+
+MIN_ROW = 8  # a row of 1 or 2 values lies on a grid of its own: too short to tell
+
+
+def _row_grid_bits(t: Tensor) -> int | None:
+    """_grid_bits of every row of t (its last dimension) at once: the most bits any row needs,
+    or None when a row lies on no grid."""
+    v = t.reshape(-1, t.shape[-1]).double()
+    if v.shape[1] < MIN_ROW or not torch.isfinite(v).all():
+        return None
+    span = (v.amax(1, keepdim=True).clamp(min=0) - v.amin(1, keepdim=True).clamp(max=0))
+    flat = span[:, 0] == 0
+    need = torch.full((v.shape[0],), -1, dtype=torch.long)
+    need[flat] = 0
+    for bits in range(1, MAX_GRID_BITS + 1):
+        for steps in (2**bits - 2, 2**bits - 1, 2**bits - 3):
+            k = v / (span.clamp(min=1e-300) / max(steps, 1))
+            on = ((k - k.round()).abs() <= 0.05).all(1) & (need < 0)
+            need[on] = bits
+        if (need >= 0).all():
+            return int(need.max())
+    return None
 
 
 def _grid_bits(v: Tensor) -> int | None:

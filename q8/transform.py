@@ -13,18 +13,22 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from q8.attention import ProductMixin, ProductWeightReaderMixin, multiplies_activations
 from q8.config import QuantConfig
 from q8.kernels import Kernels
 from q8.layers import (
+    GEMM_MODULES,
     ActRangeMixin,
+    QuantActivationMixin,
     QuantLayerMixin,
     QuantMaxPool2d,
     QuantReLU,
     WeightReaderMixin,
+    activation_kind,
     reads_child_weights,
     twin_class,
 )
-from q8.norm import QuantNormMixin, RangeNormMixin
+from q8.norm import QuantNormMixin, QuantSampleNormMixin, RangeNormMixin, RangeSampleNormMixin
 
 log = logging.getLogger("q8")
 
@@ -52,15 +56,24 @@ class QuantReport:
 
 def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     """The mixin that quantizes `module`, or None when q8 has no twin for it."""
-    if isinstance(module, (QuantLayerMixin, QuantNormMixin, QuantReLU, QuantMaxPool2d)):
+    if isinstance(module, (QuantLayerMixin, QuantNormMixin, QuantSampleNormMixin, QuantReLU,
+                           QuantMaxPool2d, QuantActivationMixin)):
         return None  # already quantized
-    if isinstance(module, (nn.Conv2d, nn.Linear)):
+    if isinstance(module, GEMM_MODULES):  # conv 1d/2d/3d, transposed too, and linear
         return QuantLayerMixin
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+    if cfg.act_bits is not None and activation_kind(module) is not None:  # GELU, SiLU...
+        return QuantActivationMixin
+    quantized = cfg.act_bits is not None or cfg.grad_bits is not None or cfg.bn_param_bits
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
         if cfg.bn == "range":
             return RangeNormMixin
-        if cfg.act_bits is not None or cfg.grad_bits is not None or cfg.bn_param_bits:
+        if quantized:
             return QuantNormMixin
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):  # timm's LayerNorm2d, GroupNormAct...
+        if cfg.norm == "range":
+            return RangeSampleNormMixin
+        if quantized:
+            return QuantSampleNormMixin
     return None
 
 
@@ -96,12 +109,20 @@ def _has_own_params(module: nn.Module) -> bool:
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Rewrite `model` in place for 8-bit training as `config` says, and return it.
 
-    Every nn.Conv2d and nn.Linear (subclasses too) becomes its quantized twin, every
-    BatchNorm2d (timm's BatchNormAct2d too) Range BN or quantized BN, ReLU and MaxPool2d twins
-    that keep 1-bit / 8-bit state for backward. Modules whose name matches a `config.skip`
-    pattern stay as they are. The report is `model.q8_report` and is logged. A module whose
-    own forward hands a twin's weight to F.linear / F.conv2d (timm's BEiT, EVA and SwinV2
-    attention with its qkv) becomes a Q8 twin that sends that call to the twin's 8-bit GEMM.
+    Each module becomes its quantized twin, a subclass of its class that keeps its forward:
+    - every convolution (1d, 2d, 3d, transposed too) and nn.Linear, subclasses included: 8-bit
+      weights and input, a bifurcated 8/16-bit backward (q8.layers);
+    - every BatchNorm1d/2d/3d (timm's BatchNormAct2d too): Range BN or quantized BN; every
+      LayerNorm and GroupNorm (timm's LayerNorm2d, LayerNormAct, GroupNormAct...): quantized,
+      or range-normalised with `norm="range"` (q8.norm);
+    - ReLU and MaxPool2d keep 1-bit / 8-bit state for backward; GELU, SiLU, Hardswish, Sigmoid,
+      Tanh... keep their input as 8-bit codes (q8.layers);
+    - a module whose own forward multiplies activations (attention: SDPA, matmul, `@`) or gates
+      (squeeze-excitation) becomes a Q8 twin running those products in 8 bits (q8.attention);
+      one that hands a twin's weight to F.linear / F.conv2d (timm's BEiT, EVA and SwinV2
+      attention with its qkv) sends that call to the twin's 8-bit GEMM.
+    Modules whose name matches a `config.skip` pattern, and everything inside them, stay as they
+    are. The report is `model.q8_report` and is logged.
 
     nn.SyncBatchNorm (Lightning's `sync_batchnorm=True` makes every BatchNorm one) becomes a
     RangeBatchNorm2d synchronised across the ranks of its process group (q8.norm.set_range_bn_sync);
@@ -113,11 +134,14 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """
     report = QuantReport(config)
     if not config.is_full_precision:
-        _convert(model, "", config, Kernels(config.backend), report)
-        for name, module in model.named_modules():  # timm's BEiT/EVA: F.linear(x, qkv.weight)
-            if not isinstance(module, _TWIN_TYPES) and reads_child_weights(module):
+        kernels = Kernels(config.backend)
+        _convert(model, "", config, kernels, report)
+        for name, module in model.named_modules():
+            mixin = _functional_mixin(module, config)
+            if mixin is not None and not _skipped(name, config):
                 old = type(module).__name__
-                module.__class__ = twin_class(WeightReaderMixin, type(module))
+                module.__class__ = twin_class(mixin, type(module))
+                module._q8_setup(config, kernels)
                 report.replaced.append((name, old, type(module).__name__))
                 report.kept = [k for k in report.kept if k[0] != name]
     modules = dict(model.named_modules())
@@ -131,6 +155,27 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     model.q8_report = report
     log.info("%s", report.summary())
     return model
+
+
+def _functional_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
+    """The mixin of a module whose own forward runs GEMMs outside nn.Conv2d / nn.Linear: it
+    hands a twin's weight to F.linear (timm's BEiT/EVA qkv), or multiplies activations
+    (attention); None for any other module."""
+    if isinstance(module, _TWIN_TYPES):
+        return None
+    reads = reads_child_weights(module)
+    products = (cfg.act_bits is not None or cfg.grad_bits is not None) and (
+        multiplies_activations(module))
+    if reads and products:
+        return ProductWeightReaderMixin
+    return ProductMixin if products else WeightReaderMixin if reads else None
+
+
+def _skipped(name: str, cfg: QuantConfig) -> bool:
+    """Whether `name` or a module above it matches a `cfg.skip` pattern."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), p)
+               for i in range(1, len(parts) + 1) for p in cfg.skip) if name else False
 
 
 def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
@@ -153,7 +198,8 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
 
 # ---- back to float ------------------------------------------------------------------------
 
-_TWIN_TYPES = (ActRangeMixin, QuantReLU, QuantMaxPool2d, WeightReaderMixin)  # every twin
+_TWIN_TYPES = (ActRangeMixin, QuantReLU, QuantMaxPool2d, WeightReaderMixin,  # every twin
+               ProductMixin, QuantActivationMixin)
 _Q8_BUFFERS = ("act_range", "act_range_steps")  # ActRangeMixin's
 
 

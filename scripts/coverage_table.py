@@ -3,6 +3,9 @@
     python scripts/coverage_table.py                       # the families below -> docs/COVERAGE.md
     python scripts/coverage_table.py --models resnet18,vit_tiny_patch16_224 --out /tmp/c.md
 
+It also rewrites the model table of README.md, between its `coverage:begin` and `coverage:end`
+markers (`--readme ''` leaves the README alone).
+
 For each model: quantize_model with the default QuantConfig, then q8.coverage on one training
 step of a batch of 2 random images at the model's own input size (timm's pretrained_cfg), and
 the modules quantize_model left in full precision (q8_report.kept), counted by class.
@@ -60,12 +63,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- coverage:begin -->", "<!-- coverage:end -->"
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's short table: each model's forward and backward share in 8 bits."""
+    lines = ["| model | input | GEMM FLOPs in 8 bits, forward / backward |", "|---|---|---|"]
+    lines += [f"| {r['model']} | {r['input']} | {100 * r['forward']:.1f}% / "
+              f"{100 * r['backward']:.1f}% |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_between_markers(path: Path, body: str) -> None:
+    """Replace what lies between the BEGIN and END markers of `path` with `body`."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to write the table into")
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(f"{head}{BEGIN}\n{body}\n{END}{rest.split(END, 1)[1]}")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" /
-                                        "COVERAGE.md"))
+    root = Path(__file__).resolve().parents[1]
+    p.add_argument("--out", default=str(root / "docs" / "COVERAGE.md"))
+    p.add_argument("--readme", default=str(root / "README.md"),
+                   help="the README whose model table to rewrite ('' for none)")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     rows = []
@@ -82,9 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "*backward*: the share of that pass's GEMM\nFLOPs (convolutions, matrix products, "
         "attention) whose operands were on q8's grid.\nThe last columns: the classes of the "
         "GEMMs that ran in full precision, with their share of\nall the step's FLOPs, and the "
-        "modules with parameters that `quantize_model` left alone.\n\n"
+        "modules with parameters that `quantize_model` left alone (in these models, holders of\n"
+        "elementwise parameters: layer scales, class tokens, position embeddings, which enter no\n"
+        "GEMM).\n\n"
         f"torch {torch.__version__}, timm {timm.__version__}.\n\n{table(rows)}\n")
     Path(args.out).write_text(text)
+    if args.readme:
+        write_between_markers(Path(args.readme), readme_table(rows))
     print(table(rows))
     print(f"wrote {args.out}", file=sys.stderr)
     return rows
