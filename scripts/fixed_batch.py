@@ -1,0 +1,120 @@
+"""Can a quantized model fit one fixed batch? The loss after a few SGD steps, per variant.
+
+    python scripts/fixed_batch.py --models efficientnet_b0 --variants fp32,q8,q8_std_bn
+    python scripts/fixed_batch.py --models mobilenetv2_050 --seeds 0,1,2 --out /tmp/fb.md
+
+Each run: a timm model at 32x32 (10 classes), one fixed batch of 48 random images and labels
+(the same for every run), SGD with momentum 0.9 and lr 0.01 for 20 steps; the loss after the last
+step. fp32 reaches a small loss; a variant that stays near ln(10) = 2.3 or above does not train,
+and a NaN run is named where it first went non-finite (q8.check_finite). The variants isolate
+one quantizer each (see VARIANTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import q8
+from q8.norm import QuantNormMixin
+
+
+def per_channel_norm_input(model: nn.Module) -> None:
+    """Every BN twin takes its input quantized with one range per channel (fake-quantized
+    ahead of it) instead of the twin's one range per tensor."""
+    for m in model.modules():
+        if isinstance(m, QuantNormMixin):
+            m.q8_config = dataclasses.replace(m.q8_config, act_bits=None)
+            m.register_forward_pre_hook(lambda m, a: (q8.fake_quantize(a[0], 8, dim=1),))
+
+
+Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
+VARIANTS: dict[str, Variant] = {
+    "fp32": (None, None),
+    "q8": (q8.QuantConfig(), None),  # the default: q8_bifurcated
+    "q8_no_act": (q8.QuantConfig(act_bits=None), None),  # activations in fp32
+    "q8_no_weight": (q8.QuantConfig(weight_bits=None), None),  # weights in fp32
+    "q8_fp32_grads": (q8.QuantConfig(grad_bits=None, wgrad_bits=None), None),
+    "q8_per_channel_w": (q8.QuantConfig(per_channel_weights=True), None),
+    "q8_std_bn": (q8.QuantConfig(bn="batchnorm"), None),  # standard BN, quantized in/out
+    "q8_skip_bn": (q8.QuantConfig(skip=["*bn*"]), None),  # every BN left in fp32
+    "q8_skip_se": (q8.QuantConfig(skip=["*.se.*"]), None),
+    "q8_skip_dw": (q8.QuantConfig(skip=["*conv_dw"]), None),
+    "q8_skip_ends": (q8.QuantConfig(skip=["conv_stem", "conv_head", "classifier"]), None),
+    "q8_bn_input_per_channel": (q8.QuantConfig(), per_channel_norm_input),
+    "q8_std_bn_input_per_channel": (q8.QuantConfig(bn="batchnorm"), per_channel_norm_input),
+}
+
+
+def run(name: str, variant: Variant, seed: int, steps: int) -> tuple[float, str | None]:
+    """The loss after `steps` steps, and where the model first went non-finite (or None)."""
+    config, change = variant
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10)
+    if config is not None:
+        q8.quantize_model(model, config)
+    if change is not None:
+        change(model)
+    model.train()
+    data = torch.Generator().manual_seed(100)
+    x = torch.randn(48, 3, 32, 32, generator=data)
+    y = torch.randint(0, 10, (48,), generator=data)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item(), q8.health.find_non_finite(model)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default="efficientnet_b0")
+    p.add_argument("--variants", default="fp32,q8")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default="", help="also write the Markdown table here")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}: valid are {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for model in args.models.split(","):
+        for v in args.variants.split(","):
+            losses, where = [], []
+            for seed in seeds:
+                start = time.perf_counter()
+                loss, bad = run(model, VARIANTS[v], seed, args.steps)
+                losses.append(loss)
+                where += [bad] if bad else []
+                print(f"{model} {v} seed {seed}: {loss:.4f} ({time.perf_counter() - start:.0f} s)"
+                      + (f", non-finite first at {bad}" if bad else ""), file=sys.stderr)
+            rows.append({"model": model, "variant": v, "losses": losses, "non_finite": where})
+    lines = ["| model | variant | loss per seed | median | first non-finite |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        med = statistics.median(r["losses"])
+        lines.append(f"| {r['model']} | {r['variant']} | "
+                     f"{', '.join(f'{v:.3f}' for v in r['losses'])} | {med:.3f} | "
+                     f"{'; '.join(r['non_finite']) or '-'} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
