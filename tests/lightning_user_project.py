@@ -8,6 +8,7 @@ Only the functions that train with q8 import it.
     python tests/lightning_user_project.py fit --out DIR [--devices 2] [--steps 30] [--sync-bn]
     python tests/lightning_user_project.py check --out DIR    # a fresh process: load, compare
     python tests/lightning_user_project.py load --out DIR     # a process that cannot import q8
+    python tests/lightning_user_project.py load check --out DIR   # one after the other
 """
 
 from __future__ import annotations
@@ -131,9 +132,13 @@ def load(out: Path) -> None:
     """Where q8 cannot be imported: the checkpoint, its hyper-parameters' `net` included, loads
     as the float model of the trained weights, which classifies the probe as the 8-bit one did
     (up to the quantization's noise)."""
+    assert "q8" not in sys.modules
     sys.modules["q8"] = None  # from here on `import q8` fails, and so would unpickling q8's classes
-    model = Classifier.load_from_checkpoint(out / "model.ckpt", weights_only=False)
-    assert not [name for name in sys.modules if name.startswith("q8.")]
+    try:
+        model = Classifier.load_from_checkpoint(out / "model.ckpt", weights_only=False)
+    finally:
+        del sys.modules["q8"]  # q8 was never imported: a `check` after this one imports it first
+    assert not [name for name in sys.modules if name.startswith("q8")]
     roots = {type(m).__module__.split(".")[0] for m in model.modules()}
     assert roots == {"__main__", "torch", "torchvision"}, roots
     assert not any(k.endswith("act_range") for k in model.state_dict())
@@ -146,14 +151,15 @@ def load(out: Path) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["fit", "check", "load"])
+    p.add_argument("what", nargs="+", choices=["fit", "check", "load"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sync-bn", action="store_true", help="the Trainer's sync_batchnorm=True")
     args = p.parse_args()
-    if args.what == "fit":
-        fit(args.out, args.devices, args.steps, args.sync_bn)
-    else:
-        check(args.out) if args.what == "check" else load(args.out)
+    for what in args.what:
+        if what == "fit":
+            fit(args.out, args.devices, args.steps, args.sync_bn)
+        else:
+            check(args.out) if what == "check" else load(args.out)
     sys.exit(0)

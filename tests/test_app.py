@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,15 @@ import yaml
 
 from q8.config import QuantConfig
 from q8.lit.run_history import read_history, read_hparams, values
-from tests.conftest import CONF_DIR, ROOT, compose_config
+from tests.conftest import CONF_DIR, ROOT, TINY, TINY_DIGITS, compose_config
 from train import build_quant_config, train
 
 PRESETS = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 METRIC_KEYS = {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"}
+# Presets differ only in their QuantConfig, which the library's tests cover field by field: the
+# default suite trains no quantization, the paper's default and standard BN; `-m slow` the rest.
+TRAINED_BY_DEFAULT = ("fp32", "q8_bifurcated", "q8_batchnorm")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -64,7 +69,8 @@ def test_default_config_is_the_paper_on_digits() -> None:
     assert cfg.model.kwargs.zero_init_last
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [p if p in TRAINED_BY_DEFAULT else
+                                    pytest.param(p, marks=pytest.mark.slow) for p in PRESETS])
 def test_every_preset_trains_a_few_steps(preset: str, tiny_config, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     metrics = train(tiny_config(f"quant={preset}", run_dir=run_dir))
@@ -119,9 +125,32 @@ def test_the_app_trains_through_the_q8precision_plugin(tiny_config, tmp_path: Pa
         train(tiny_config("quant=q8_fp32_wgrad", "ckpt_path=last", run_dir=run_dir))
 
 
-def test_resume_continues_at_the_saved_step(tiny_config, tmp_path: Path) -> None:
+TWO_EPOCHS = ("trainer.max_epochs=2", "test_weights=final")
+
+
+@pytest.fixture(scope="module")
+def fp32_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
+    """fp32_run(run_dir, *overrides): a finished tiny fp32 run (one epoch of 2 steps, or
+    TWO_EPOCHS) copied to run_dir, and its metrics. Each is trained once in this module, for
+    the tests that resume, damage or test it."""
+    runs: dict[tuple[str, ...], tuple[Path, dict]] = {}
+
+    def copy(run_dir: Path, *overrides: str) -> dict:
+        if overrides not in runs:
+            source = tmp_path_factory.mktemp("fp32") / "run"
+            cfg = compose_config([*TINY, *TINY_DIGITS, "quant=fp32", *overrides],
+                                 output_dir=source)
+            runs[overrides] = source, train(cfg)
+        source, metrics = runs[overrides]
+        shutil.copytree(source, run_dir)
+        return metrics
+
+    return copy
+
+
+def test_resume_continues_at_the_saved_step(tiny_config, fp32_run, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    first = train(tiny_config("quant=fp32", run_dir=run_dir))
+    first = fp32_run(run_dir)
     assert first["global_step"] == 2
     second = train(
         tiny_config("quant=fp32", "ckpt_path=last", "trainer.max_epochs=2", run_dir=run_dir)
@@ -131,13 +160,12 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path: Path) -> None
 
 
 def test_test_weights_chooses_the_best_checkpoint_or_the_final_weights(
-        tiny_config, tmp_path: Path) -> None:
+        fp32_run, tmp_path: Path) -> None:
     import torch
 
-    best = train(tiny_config("quant=fp32", "trainer.max_epochs=2", run_dir=tmp_path / "best"))
+    best = fp32_run(tmp_path / "best")
     assert Path(best["tested_checkpoint"]).name.startswith("best-epoch")
-    final = train(tiny_config("quant=fp32", "trainer.max_epochs=2", "test_weights=final",
-                              run_dir=tmp_path / "final"))
+    final = fp32_run(tmp_path / "final", *TWO_EPOCHS)
     assert final["tested_checkpoint"] == "final weights"
     # last.ckpt holds those final weights, whether or not the last epoch was the best
     last = torch.load(tmp_path / "final" / "checkpoints" / "last.ckpt", map_location="cpu",
@@ -145,11 +173,12 @@ def test_test_weights_chooses_the_best_checkpoint_or_the_final_weights(
     assert last["global_step"] == final["global_step"] == 4
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path: Path) -> None:
+def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, fp32_run,
+                                                      tmp_path: Path) -> None:
     from q8.lit import UsageError
 
     run_dir = tmp_path / "run"
-    train(tiny_config("quant=fp32", run_dir=run_dir))
+    fp32_run(run_dir)
     with pytest.raises(UsageError, match="incompatible.*small_input"):
         train(
             tiny_config("quant=fp32", "model.small_input=true", "ckpt_path=last", run_dir=run_dir)
@@ -157,11 +186,11 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_config, tmp_path: Pat
 
 
 def test_an_unreadable_last_ckpt_falls_back_to_the_newest_readable_one(
-        tiny_config, tmp_path: Path, capsys) -> None:
+        tiny_config, fp32_run, tmp_path: Path, capsys) -> None:
     """ckpt_path=last with a damaged last.ckpt: a warning naming it, and the resume starts from
     the run's newest checkpoint that can be read (here the best one)."""
     run_dir = tmp_path / "run"
-    train(tiny_config("quant=fp32", "trainer.max_epochs=2", run_dir=run_dir))
+    fp32_run(run_dir, *TWO_EPOCHS)
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
     saved_step = torch.load(best, map_location="cpu", weights_only=False)["global_step"]
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
@@ -174,11 +203,11 @@ def test_an_unreadable_last_ckpt_falls_back_to_the_newest_readable_one(
     assert resumed["start_step"] == saved_step and resumed["global_step"] == 6
 
 
-def test_no_readable_checkpoint_is_one_clear_error(tiny_config, tmp_path: Path) -> None:
+def test_no_readable_checkpoint_is_one_clear_error(tiny_config, fp32_run, tmp_path: Path) -> None:
     from q8.lit import UsageError
 
     run_dir = tmp_path / "run"
-    train(tiny_config("quant=fp32", run_dir=run_dir))
+    fp32_run(run_dir)
     for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
         ckpt.write_bytes(b"")
     with pytest.raises(UsageError, match=r"cannot read checkpoint ckpt_path=.*last\.ckpt"):
@@ -190,7 +219,7 @@ def test_no_readable_checkpoint_is_one_clear_error(tiny_config, tmp_path: Path) 
 
 
 def test_a_checkpoint_write_that_fails_stops_the_run_and_keeps_the_previous(
-        tiny_config, tmp_path: Path) -> None:
+        fp32_run, tmp_path: Path) -> None:
     """The second run may write no file larger than half a checkpoint (RLIMIT_FSIZE, as a full
     disk or a quota would stop it): its first checkpoint write fails, the run exits with code 2
     and one line naming the file, and last.ckpt of the first run is intact."""
@@ -198,7 +227,7 @@ def test_a_checkpoint_write_that_fails_stops_the_run_and_keeps_the_previous(
     import signal
 
     run_dir = tmp_path / "run"
-    train(tiny_config("quant=fp32", run_dir=run_dir))
+    fp32_run(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     limit = len(before) // 2
@@ -206,8 +235,6 @@ def test_a_checkpoint_write_that_fails_stops_the_run_and_keeps_the_previous(
     def limit_file_size() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    from tests.conftest import TINY, TINY_DIGITS
 
     proc = subprocess.run(
         [sys.executable, "train.py", *TINY, *TINY_DIGITS, "quant=fp32", "ckpt_path=last",
@@ -296,7 +323,7 @@ def _recording_loggers(instantiate_loggers, losses: dict[int, float]):
 
 
 def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "TRITON_INTERPRET")}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *overrides],
         capture_output=True,
@@ -332,11 +359,10 @@ def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> N
 def test_each_log_line_appears_once(tmp_path: Path) -> None:
     """Lightning's messages and its model summary reach the console once (and train.log once),
     not once through Lightning's own handler and again through Hydra's."""
-    from tests.conftest import TINY, TINY_DIGITS
-
     run_dir = tmp_path / "run"
     tiny = [o for o in TINY if "enable_model_summary" not in o]
-    result = _run_cli(*tiny, *TINY_DIGITS, "quant=fp32", f"hydra.run.dir={run_dir}")
+    result = _run_cli(*tiny, *TINY_DIGITS, "quant=fp32", "callbacks=none", "test=false",
+                      f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     console = result.stdout + result.stderr
     for line in ("GPU available:", "Trainable params"):
@@ -380,9 +406,8 @@ def test_a_batch_the_model_cannot_train_on_fails_before_training(tmp_path: Path)
 
 
 def test_multirun_sweep(tmp_path: Path) -> None:
-    from tests.conftest import TINY
-
-    result = _run_cli("-m", "quant=fp32", "seed=1,2", *TINY, f"paths.log_dir={tmp_path}")
+    result = _run_cli("-m", "quant=fp32", "seed=1,2", *TINY, *TINY_DIGITS, "callbacks=none",
+                      f"paths.log_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list(tmp_path.glob("multiruns/*/*/metrics.json"))) == 2
 

@@ -1,9 +1,10 @@
 """q8's Triton kernels compile for real GPUs (sm_90 and sm_80), on a machine without one.
 
-Without a GPU the suite runs the `cuda` backend under Triton's interpreter (TRITON_INTERPRET=1,
-tests/conftest.py), which executes each kernel's Python body on CPU tensors: a kernel can pass
-every bit-for-bit test there and still be rejected by Triton's compiler or by ptxas (a dtype
-conversion, a constexpr branch or a reduction the interpreter accepts and the IR does not).
+Without a GPU the suite runs the `cuda` backend's tests under Triton's interpreter
+(TRITON_INTERPRET=1 around each of them: tests/conftest.py), which executes each kernel's Python
+body on CPU tensors: a kernel can pass every bit-for-bit test there and still be rejected by
+Triton's compiler or by ptxas (a dtype conversion, a constexpr branch or a reduction the
+interpreter accepts and the IR does not).
 Here each kernel of q8/kernels/cuda.py is compiled ahead of time, as the `Cuda` backend launches
 it, to PTX and a cubin: `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 needs no driver, only Triton's bundled ptxas. The launch is mirrored from the wrapper's code:
@@ -42,7 +43,12 @@ triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402 (after the skip)
 
-from q8.kernels import cuda  # noqa: E402
+if __name__ == "__main__":  # the child compiles the kernels themselves
+    from q8.kernels import cuda
+else:  # in pytest's process, as the `cuda` backend's tests run it
+    from tests.conftest import cuda_kernels
+
+    cuda = cuda_kernels()
 
 ARCHS = (90, 80)  # H100, A100
 THREADS_PER_WARP = 32
@@ -286,7 +292,7 @@ def test_kernel_compiles_for_the_gpu(launch: Launch, arch: int, compiled: dict) 
         # through the loop over positions: far below the register budget, so nothing has to
         # spill (a spill here is a local-memory round trip per step of the loop). The
         # elementwise kernels hold a few words per element too, yet ptxas spilled 4 bytes of
-        # `_relu` on sm_80 in another variant (issue 29, Triton 3.8): reported, not checked.
+        # `_relu` on sm_80 in another variant (Triton 3.8): reported, not checked.
         per_thread = launch.constexprs["TC"] * launch.constexprs["THW"] // threads
         words = TILE_WORDS[name] * per_thread
         if words <= MAX_REGISTERS_PER_THREAD // 2:

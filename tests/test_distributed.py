@@ -1,6 +1,7 @@
-"""Scale-out (issue 7): DDP through Lightning's launcher and torchrun on CPU, one run directory
-written by rank 0, identical weights on every rank, Range BN per replica or synchronised, the
-SLURM script (requeue included) and launcher config, the Docker install, the README's commands.
+"""Distributed training: DDP through Lightning's launcher and torchrun on CPU, one run directory
+written by rank 0, identical weights on every rank, Range BN per replica or synchronised, DDP's
+start-up and collective time-outs, a lost rank or a signal stopping every rank, the SLURM script
+(requeue included) and launcher config, the Docker install, the README's cluster commands.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def _differing_bn_stats(ranks: list[dict]) -> list[str]:
     return [k for k in first if not torch.equal(first[k], second[k])]
 
 
+@pytest.mark.slow  # a 2-process run; the torchrun run below checks the same, with synced Range BN
 def test_lightning_launched_ddp_cpu_run_is_one_run_with_identical_weights(tmp_path):
     """`python train.py trainer=ddp_cpu`: Lightning starts rank 1 itself; per-replica Range BN."""
     run_dir, probe = tmp_path / "run", tmp_path / "probe"
@@ -225,7 +227,8 @@ def test_ddp_trainer_configs(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     ddp = compose_config(["trainer=ddp"]).trainer
     assert (ddp.accelerator, ddp.devices, ddp.num_nodes) == ("gpu", -1, 1)
-    assert ddp.strategy._target_.endswith("DDPStrategy") and ddp.strategy.timeout.minutes == 5
+    assert ddp.strategy._target_ == "q8.lit.distributed.DDPStrategy"
+    assert (ddp.strategy.timeout.minutes, ddp.strategy.start_timeout.minutes) == (5, 15)
     assert ddp.sync_batchnorm is False and "precision" not in ddp  # Q8Precision's: 32-true
     q8_plugin = ddp.plugins[0]
     assert q8_plugin._target_ == "q8.lightning.Q8Precision" and q8_plugin.sync_range_bn is False
@@ -254,6 +257,35 @@ def test_close_log_files_off_rank_zero(tmp_path):
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+def test_ddp_strategy_waits_start_timeout_to_start_then_timeout_per_collective(monkeypatch):
+    """The rendezvous (the store through which every rank joins) waits `start_timeout`, so a rank
+    that starts slowly on a loaded machine still joins; the process group's collectives then wait
+    `timeout`: how long the others wait for a rank that died or hangs."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from q8.lit.distributed import DDPStrategy
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(free.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    strategy = DDPStrategy(parallel_devices=[torch.device("cpu")],
+                           cluster_environment=LightningEnvironment(),
+                           timeout=timedelta(seconds=7), start_timeout=timedelta(minutes=15))
+    strategy.setup_distributed()  # a group of one rank: this process, over gloo
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        gloo = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        assert store.timeout == timedelta(minutes=15)
+        assert gloo.options._timeout == timedelta(seconds=7)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- Range BN sync plugin, RNG
@@ -559,19 +591,20 @@ class FailOnRank(L.Callback):
             time.sleep(3600)
 
 
-GROUP_TIMEOUT_S = 30  # long enough for rank 1 to start on a loaded 2-core machine (about 15 s)
+COLLECTIVE_TIMEOUT_S = 30  # the hang case's; start-up has its own, start_timeout (15 min)
 
 
-# the hang waits out the group timeout: about a minute on 2 cores
+# the hang waits out the collective time-out: about a minute on 2 cores
 @pytest.mark.parametrize("how", ["kill", pytest.param("hang", marks=pytest.mark.slow)])
 def test_a_rank_that_dies_or_hangs_stops_the_run_naming_it(tmp_path, how):
-    """Rank 1 of 2 dies (SIGKILL) or hangs at step 2: rank 0 exits within the process-group
-    timeout of the failure (30 s here, 5 min in conf/trainer/ddp*.yaml) with one line naming
-    the dead rank, and no process is left behind."""
+    """Rank 1 of 2 dies (SIGKILL) or hangs at step 2: rank 0 exits with one line naming the
+    dead rank, and no process is left behind. A dead rank's closed socket fails the others'
+    next collective at once; a hung rank's after the collective time-out (30 s here, 5 min in
+    conf/trainer/ddp*.yaml)."""
     marker = tmp_path / "failed_at"
+    timeout = [f"trainer.strategy.timeout.minutes={COLLECTIVE_TIMEOUT_S / 60}"] * (how == "hang")
     cmd = [sys.executable, "train.py", *DDP_RUN, "trainer.limit_train_batches=30",
-           f"hydra.run.dir={tmp_path / 'run'}",
-           f"trainer.strategy.timeout.minutes={GROUP_TIMEOUT_S / 60}",
+           f"hydra.run.dir={tmp_path / 'run'}", *timeout,
            "+callbacks.fail._target_=tests.test_distributed.FailOnRank",
            "+callbacks.fail.rank=1", "+callbacks.fail.step=2", f"+callbacks.fail.how={how}",
            f"+callbacks.fail.marker={marker}"]
@@ -587,7 +620,7 @@ def test_a_rank_that_dies_or_hangs_stops_the_run_naming_it(tmp_path, how):
     assert re.search(rf"rank 1 \(pid \d+\) {re.escape(dead)}", line), line
     if how == "hang":  # the collective gave up after the timeout, not at a closed socket
         assert re.search(r"time(d )?out", line.lower()), line  # gloo says either
-        assert GROUP_TIMEOUT_S - 5 < after_failure < GROUP_TIMEOUT_S + 30, after_failure
+        assert COLLECTIVE_TIMEOUT_S - 5 < after_failure < COLLECTIVE_TIMEOUT_S + 30, after_failure
     else:  # the closed socket: at once
         assert after_failure < 30, after_failure
     children = subprocess.run(["pgrep", "-f", str(tmp_path / "run")], capture_output=True,
@@ -600,7 +633,7 @@ def test_500_step_ddp_soak_stays_finite_with_flat_memory(tmp_path):
     """2 gloo processes, 500 steps of q8_bifurcated on a small ResNet: every loss finite (NanGuard
     stops a run at the first non-finite gradient, so exit code 0 says none occurred on rank 0),
     the loss below chance, and rank 0's resident memory at step 500 within 5% of step 100's."""
-    from tests.test_robustness import SMALL_MODEL, _step_losses
+    from tests.test_app_faults import SMALL_MODEL, _step_losses
 
     run_dir = tmp_path / "run"
     overrides = [
@@ -609,7 +642,7 @@ def test_500_step_ddp_soak_stays_finite_with_flat_memory(tmp_path):
         *SMALL_MODEL, "logger=csv", "quant=q8_bifurcated", "trainer.max_steps=500",
         "trainer.max_epochs=13", "~callbacks.model_checkpoint",
         "trainer.enable_checkpointing=false", f"hydra.run.dir={run_dir}",
-        "+callbacks.memory._target_=tests.test_robustness.MemoryProbe",
+        "+callbacks.memory._target_=tests.test_app_faults.MemoryProbe",
         f"+callbacks.memory.path={tmp_path / 'memory.json'}", "+callbacks.memory.steps=[100,500]",
     ]
     result = subprocess.run([sys.executable, "train.py", *overrides], capture_output=True,
@@ -622,12 +655,13 @@ def test_500_step_ddp_soak_stays_finite_with_flat_memory(tmp_path):
     assert memory[500]["rss"] <= 1.05 * memory[100]["rss"], memory
 
 
+@pytest.mark.slow  # three 2-process runs: about 50 s on 2 CPU cores
 def test_ddp_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path):
     """2 gloo processes, 2 epochs of 6 steps with stochastic rounding and augmentation; stopped
     after step 8 as a SIGTERM stops it (every rank, the same step), then resumed: each rank
     replays the rest of its shard of the epoch with its own RNG stream, so the run's history (both
     launches', joined) and the final metrics are the uninterrupted run's, to the bit."""
-    from tests.test_robustness import FINAL_KEYS, SMALL_MODEL, _step_losses
+    from tests.test_app_faults import FINAL_KEYS, SMALL_MODEL, _step_losses
 
     run = [*[o for o in DDP_RUN if not o.startswith(("logger=", "trainer.limit_train",
                                                      "threads", "trainer.max_ep"))],
@@ -642,7 +676,7 @@ def test_ddp_mid_epoch_resume_reproduces_the_uninterrupted_run(tmp_path):
         return tmp_path / name
 
     full = train("full")
-    stop = ["+callbacks.stop._target_=tests.test_robustness.StopAfterStep",
+    stop = ["+callbacks.stop._target_=tests.test_app_faults.StopAfterStep",
             "+callbacks.stop.step=8"]
     stopped = train("stopped", *stop, code=143)
     ckpt = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu",
@@ -662,7 +696,7 @@ def test_ddp_sigterm_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_pat
     """A real SIGTERM to a `trainer=ddp_cpu` run (to rank 0, which Lightning started rank 1
     from and forwards it to): every rank stops at the same step, last.ckpt is written, exit
     143; the resumed run's later losses and final metrics are the uninterrupted run's."""
-    from tests.test_robustness import FINAL_KEYS, SMALL_MODEL, _step_losses
+    from tests.test_app_faults import FINAL_KEYS, SMALL_MODEL, _step_losses
 
     run = [*[o for o in DDP_RUN if not o.startswith(("logger=", "trainer.limit_train",
                                                      "threads", "trainer.max_ep"))],

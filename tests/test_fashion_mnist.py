@@ -125,7 +125,7 @@ def test_stratified_order_keeps_every_prefix_in_class_proportion() -> None:
 
 
 def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "TRITON_INTERPRET")}
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 

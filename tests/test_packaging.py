@@ -14,7 +14,7 @@ APP_ONLY = ["lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb", "ti
             "torchvision", "sklearn", "matplotlib", "pandas"]
 
 
-NEWEST = {"torch": "2.15.0", "triton": "3.9.0", "lightning": "2.6.6"}  # the registry's, issue 29
+NEWEST = {"torch": "2.15.0", "triton": "3.9.0", "lightning": "2.6.6"}  # newest releases checked
 UPPER = ("<", "<=", "==", "===", "~=")  # operators that exclude later releases
 
 
@@ -115,3 +115,10 @@ def test_the_layers_import_only_downwards():
     assert _files_importing("q8", ("q8.lit", "callbacks"), skip=("lit",)) == []
     assert _files_importing("q8/lit", ("callbacks",)) == []
     assert _files_importing("q8", ("hydra", "omegaconf")) == ["q8/lit/instantiate.py"]
+
+
+def test_scripts_import_the_installed_q8():
+    """scripts/ import q8 as installed (`make setup`: editable), never by editing sys.path."""
+    edits = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "scripts").rglob("*"))
+             if f.is_file() and "sys.path" in f.read_text(errors="replace")]
+    assert edits == []

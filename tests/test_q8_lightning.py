@@ -63,18 +63,23 @@ def test_the_checkpoint_holds_a_float_state_dict_and_the_q8_state(trained) -> No
     assert torch.equal(entry["buffers"]["net.conv1.act_range"], model.net.conv1.act_range)
 
 
-def test_the_checkpoint_loads_and_resumes_in_a_fresh_process(trained) -> None:
+@pytest.fixture(scope="module")
+def fresh_process(trained) -> subprocess.CompletedProcess:
+    """One fresh process that first loads the checkpoint while `import q8` fails, then (q8
+    still never imported) loads it in 8 bits and resumes: one start-up for both checks."""
     out, _ = trained
-    proc = _run("check", "--out", str(out))
-    assert proc.returncode == 0 and "checked" in proc.stdout, proc.stderr[-3000:]
+    return _run("load", "check", "--out", str(out))
 
 
-def test_the_checkpoint_loads_where_q8_cannot_be_imported(trained) -> None:
+def test_the_checkpoint_loads_where_q8_cannot_be_imported(fresh_process) -> None:
     """load_from_checkpoint, with the `net` hyper-parameter, in a process where `import q8`
     fails: the float ResNet-18 of the trained weights (lightning_user_project.load)."""
-    out, _ = trained
-    proc = _run("load", "--out", str(out))
-    assert proc.returncode == 0 and "loaded without q8" in proc.stdout, proc.stderr[-3000:]
+    assert "loaded without q8" in fresh_process.stdout, fresh_process.stderr[-3000:]
+
+
+def test_the_checkpoint_loads_and_resumes_in_a_fresh_process(fresh_process) -> None:
+    assert fresh_process.returncode == 0 and "checked" in fresh_process.stdout, (
+        fresh_process.stderr[-3000:])
 
 
 class _RefuseQ8(pickle.Unpickler):
@@ -149,6 +154,7 @@ def test_a_checkpoint_of_another_plugin_is_refused(tmp_path: Path) -> None:
         Q8Precision.from_checkpoint(str(tmp_path / "plain.ckpt"))
 
 
+@pytest.mark.slow  # 2 processes; tests/test_distributed.py runs the app's Q8Precision under DDP
 def test_ddp_with_two_processes(tmp_path: Path) -> None:
     """strategy=ddp on 2 CPU processes (Lightning runs the script again for rank 1) with
     sync_batchnorm=True: both ranks convert their model, Lightning's SyncBatchNorm becomes

@@ -1,6 +1,7 @@
-"""The quantizer's contract (../shared/PAPER.md, "Quantizer") on every kernel backend, each
-tolerance from the maths: inputs (nearest, over a given range), weights (nearest, per tensor or
-per channel) and the g_l pair (stochastic), through the backend's own ops."""
+"""The quantizer's contract (Banner et al. 2018: GEMMLOWP-style, asymmetric, uniform) on every
+kernel backend, each tolerance from the maths: inputs (nearest, over a given range), weights
+(nearest, per tensor or per channel) and the g_l pair (stochastic), through the backend's own
+ops."""
 
 import math
 

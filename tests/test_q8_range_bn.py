@@ -22,7 +22,7 @@ def test_d2_matches_known_values():
 
 
 def test_scale_rules_reproduce_the_papers_figures():
-    # the 2018 code's constant underestimates sigma by 19% at n = 16 (../shared/PAPER.md)
+    # the 2018 code's constant (eladhoffer/quantized.pytorch) underestimates sigma by 19% at n = 16
     assert range_scale(16, "hoffer2018") * d2(16) == pytest.approx(0.81, abs=0.005)
     # the paper's 1/sqrt(2 ln n) overestimates: ratio 1.40 at n = 8
     assert range_scale(8, "paper") * d2(8) == pytest.approx(1.40, abs=0.005)

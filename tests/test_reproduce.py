@@ -15,6 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two 5-epoch runs: about a minute on 2 CPU cores
 def test_fast_reproduction_trains_both_and_checks_parity(tmp_path: Path) -> None:
     """--fast: fp32 and q8_bifurcated, seed 0, 5 epochs of the digits_parity recipe (about half a
     minute each here), end to end: both runs finish, their loss falls, the report is written.

@@ -1,7 +1,7 @@
-"""Distributed training with Lightning: the ranks a signal or a lost rank stops, and the exit
-codes of a fit that stops. Launch environments and the shared run directory are in
-q8.lit.launch; Range BN's synchronisation across ranks is Q8Precision's `sync_range_bn`; each
-rank's own rounding noise is callbacks/exact_resume.py's.
+"""Distributed training with Lightning: DDP's two time-outs (start-up, collectives), the ranks a
+signal or a lost rank stops, and the exit codes of a fit that stops. Launch environments and the
+shared run directory are in q8.lit.launch; Range BN's synchronisation across ranks is
+Q8Precision's `sync_range_bn`; each rank's own rounding noise is callbacks/exact_resume.py's.
 """
 
 from __future__ import annotations
@@ -11,15 +11,37 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch import strategies
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from q8.lit.errors import NonFiniteError, StoppedBySignal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what a scheduler sends before it kills a job
+
+
+class DDPStrategy(strategies.DDPStrategy):
+    """Lightning's DDP with two time-outs. `start_timeout` bounds the start-up, every rank joining
+    the process group: a rank imports, builds its data and model and may wait for its node, which
+    on a loaded machine takes minutes. `timeout` then bounds each collective: how long the other
+    ranks wait for a rank that died or hangs before they stop (see lost_rank_message)."""
+
+    def __init__(self, *args, timeout: timedelta = timedelta(minutes=5),
+                 start_timeout: timedelta = timedelta(minutes=15), **kwargs) -> None:
+        super().__init__(*args, timeout=max(timeout, start_timeout), **kwargs)
+        self.collective_timeout = timeout
+
+    def setup_distributed(self) -> None:
+        super().setup_distributed()  # init_process_group: the rendezvous waits start_timeout
+        # every later operation of the group waits `timeout` (an older torch names it privately)
+        set_timeout = getattr(torch.distributed, "set_timeout", None)
+        if set_timeout is None:
+            set_timeout = torch.distributed.distributed_c10d._set_pg_timeout
+        set_timeout(self.collective_timeout)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Robustness (issue 6): faults (signals, SIGKILL) resume to the uninterrupted run's exact
+"""The application under faults: signals and SIGKILL resume to the uninterrupted run's exact
 results; bad input is refused before training; non-finite values are traced to their layer;
 a long quantized run stays finite."""
 
@@ -190,7 +190,7 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(
     expected = train(tiny_config(*run, run_dir=tmp_path / "full"))
     full_losses = _step_losses(tmp_path / "full")
     for name, step, crash, start in [("stopped", 5, False, 5), ("crashed", 7, True, 6)]:
-        stop = ["+callbacks.stop._target_=tests.test_robustness.StopAfterStep",
+        stop = ["+callbacks.stop._target_=tests.test_app_faults.StopAfterStep",
                 f"+callbacks.stop.step={step}", f"+callbacks.stop.crash={crash}"]
         with pytest.raises(RuntimeError if crash else SystemExit) as ended:
             train(tiny_config(*run, *stop, run_dir=tmp_path / name))
@@ -582,9 +582,8 @@ def test_2000_q8_bifurcated_steps_on_digits_stay_finite_and_learn(tmp_path: Path
 
     NanGuard (on by default, action=stop) checks the gradients at every step and ends the run
     with exit code 1 at the first non-finite one, so exit code 0 means none occurred. Chance
-    level is ln(10) = 2.30; a model that has learnt digits (README: 98.6% test accuracy after
-    228 steps of ResNet-18) is far below a tenth of it; the first 200 steps include the
-    warm-up from chance.
+    level is ln(10) = 2.30; a model that has learnt digits is far below a tenth of it; the
+    first 200 steps include the warm-up from chance.
     """
     run_dir = tmp_path / "long"
     overrides = [
@@ -596,7 +595,7 @@ def test_2000_q8_bifurcated_steps_on_digits_stay_finite_and_learn(tmp_path: Path
         "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false",
         "~callbacks.model_checkpoint", "~callbacks.q8_stats", f"hydra.run.dir={run_dir}",
-        "+callbacks.memory._target_=tests.test_robustness.MemoryProbe",
+        "+callbacks.memory._target_=tests.test_app_faults.MemoryProbe",
         f"+callbacks.memory.path={tmp_path / 'memory.json'}",
         "+callbacks.memory.steps=[200,1000,2000]",
     ]
