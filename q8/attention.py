@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from q8.config import QuantConfig
-from q8.functional import GradSpec
+from q8.functional import BifurcatedLayerFn, GradSpec, LayerSpec
 from q8.kernels import Kernels
 from q8.kernels.reference import fake_quant, minmax
 from q8.layers import _IN_Q8_GEMM, WeightReaderMixin
@@ -298,6 +298,93 @@ class ProductMixin:
     def forward(self, *args, **kwargs) -> object:
         with _QuantProducts(self):
             return super().forward(*args, **kwargs)
+
+
+class MultiheadAttentionMixin(ProductMixin):
+    """nn.MultiheadAttention in 8 bits: the q, k, v projections as bifurcated 8-bit GEMMs on
+    slices of `in_proj_weight` (or the separate q/k/v weights), the attention as `attention`,
+    `out_proj` as its QuantLinear twin. Its arguments keep their meaning: `batch_first`,
+    unbatched input, `key_padding_mask` and `attn_mask` (boolean: True = not attended; or
+    additive), `is_causal`, dropout. The weights it returns with `need_weights` are softmax's
+    of the quantized Q and K, without a gradient. `add_bias_kv` and `add_zero_attn` are not
+    supported (quantize_model leaves such a module alone)."""
+
+    def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        super()._q8_setup(config, kernels)
+        grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
+        self.q8_proj = LayerSpec(config.act_bits, config.weight_bits,
+                                 config.per_channel_weights, grad, config.gemm)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,  # noqa: PLR0913
+                key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        query, key, value = (t.float() for t in (query, key, value))  # fp32 under autocast
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        elif self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        (L, N, E), S, H = query.shape, key.shape[0], self.num_heads
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q, k, v = (self._q8_project(x, w, b).reshape(len(x), N * H, -1).transpose(0, 1)
+                   .reshape(N, H, len(x), -1)
+                   for x, w, b in zip((query, key, value), weights, biases))
+        bias = _mha_bias(attn_mask, key_padding_mask, is_causal, N, H, L, S, q)
+        dropout = self.dropout if self.training else 0.0
+        out = _counted(attention, q, k, v, bias, dropout, spec=self.q8_product,
+                       kernels=self.q8_kernels)
+        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(L, N, E))
+        weights = None
+        if need_weights:
+            with torch.no_grad():
+                p = torch.softmax(q @ k.mT / math.sqrt(q.shape[-1]) +
+                                  (0 if bias is None else bias), -1)
+                weights = p.mean(1) if average_attn_weights else p
+                weights = weights[0] if unbatched else weights
+        if unbatched:
+            return out[:, 0], weights
+        return (out.transpose(0, 1) if self.batch_first else out), weights
+
+    def _q8_project(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """x W^T + b as a bifurcated 8-bit GEMM over x's own range."""
+        lo, hi = (None, None) if self.q8_proj.act_bits is None else minmax(x.detach())
+        return _counted(BifurcatedLayerFn.apply, x, weight, bias, lo, hi, self.q8_proj,
+                        self.q8_kernels)
+
+
+def _mha_bias(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool,
+              N: int, H: int, L: int, S: int, like: Tensor) -> Tensor | None:
+    """MultiheadAttention's masks as one additive bias of shape (N or 1, H or 1, L, S): a
+    boolean True is a position not attended (-inf), a float mask is added."""
+    def additive(mask: Tensor) -> Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
+                mask, float("-inf"))
+        return mask.to(like.dtype)
+
+    bias = None
+    if attn_mask is not None:
+        bias = additive(attn_mask)
+        bias = bias.view(N, H, L, S) if bias.dim() == 3 else bias.view(1, 1, L, S)
+    elif is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=like.device).tril()
+        bias = additive(~causal).view(1, 1, L, S)
+    if key_padding_mask is not None:
+        pad = additive(key_padding_mask).view(N, 1, 1, S)
+        bias = pad if bias is None else bias + pad
+    return bias
+
+
+def supports_mha(module: nn.Module) -> bool:
+    """Whether MultiheadAttentionMixin runs this nn.MultiheadAttention."""
+    return (isinstance(module, nn.MultiheadAttention) and module.bias_k is None
+            and not module.add_zero_attn)
 
 
 class ProductWeightReaderMixin(ProductMixin, WeightReaderMixin):

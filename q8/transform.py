@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from q8.attention import ProductMixin, ProductWeightReaderMixin, multiplies_activations
+from q8.attention import (
+    MultiheadAttentionMixin,
+    ProductMixin,
+    ProductWeightReaderMixin,
+    multiplies_activations,
+    supports_mha,
+)
 from q8.config import QuantConfig
 from q8.kernels import Kernels
 from q8.layers import (
@@ -56,6 +62,8 @@ class QuantReport:
 
 def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     """The mixin that quantizes `module`, or None when q8 has no twin for it."""
+    if isinstance(module, nn.MultiheadAttention) and not isinstance(module, ProductMixin):
+        return MultiheadAttentionMixin  # quantize_model leaves the unsupported ones alone
     if isinstance(module, (QuantLayerMixin, QuantNormMixin, QuantSampleNormMixin, QuantReLU,
                            QuantMaxPool2d, QuantActivationMixin)):
         return None  # already quantized
@@ -183,8 +191,8 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
     if name and any(fnmatch.fnmatchcase(name, p) for p in cfg.skip):
         report.kept.append((name, type(module).__name__, "skipped by config.skip"))
         return
-    if isinstance(module, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
-        report.kept.append((name, "MultiheadAttention", "its forward bypasses nn.Linear"))
+    if isinstance(module, nn.MultiheadAttention) and not supports_mha(module):
+        report.kept.append((name, "MultiheadAttention", "add_bias_kv or add_zero_attn: no twin"))
         return
     old = type(module).__name__
     new = _swap(module, cfg, kernels)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import q8
+from q8.functional import GradSpec
+from q8.layers import QuantActivationMixin
 from q8.norm import QuantNormMixin
 
 
@@ -36,6 +38,25 @@ def per_channel_norm_input(model: nn.Module) -> None:
         if isinstance(m, QuantNormMixin):
             m.q8_config = dataclasses.replace(m.q8_config, act_bits=None)
             m.register_forward_pre_hook(lambda m, a: (q8.fake_quantize(a[0], 8, dim=1),))
+
+
+def per_channel_norm(model: nn.Module) -> None:
+    """per_channel_norm_input, and the BN twins' output gradient g_l quantized (8 bits,
+    stochastic) with one range per channel too, ahead of their backward."""
+    per_channel_norm_input(model)
+    for m in model.modules():
+        if isinstance(m, QuantNormMixin):
+            bits = m.q8_grad.bits
+            m.q8_grad = GradSpec(None, None)
+            m.register_full_backward_pre_hook(
+                lambda m, g, bits=bits: (q8.fake_quantize(g[0], bits, "stochastic", dim=1),))
+
+
+def float_activations(model: nn.Module) -> None:
+    """Activation twins back to their float classes: backward keeps their fp32 input."""
+    for m in model.modules():
+        if isinstance(m, QuantActivationMixin):
+            m.__class__ = next(c for c in type(m).__mro__ if not c.__module__.startswith("q8"))
 
 
 Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
@@ -53,6 +74,9 @@ VARIANTS: dict[str, Variant] = {
     "q8_skip_ends": (q8.QuantConfig(skip=["conv_stem", "conv_head", "classifier"]), None),
     "q8_bn_input_per_channel": (q8.QuantConfig(), per_channel_norm_input),
     "q8_std_bn_input_per_channel": (q8.QuantConfig(bn="batchnorm"), per_channel_norm_input),
+    "q8_float_act_saves": (q8.QuantConfig(), float_activations),
+    "q8_bn_per_channel": (q8.QuantConfig(), per_channel_norm),  # BN input and g_l
+    "q8_std_bn_per_channel": (q8.QuantConfig(bn="batchnorm"), per_channel_norm),
 }
 
 

@@ -340,9 +340,15 @@ def _run_cli(*overrides: str) -> subprocess.CompletedProcess:
         ("quant=nope", r"unknown quant 'nope': valid choices are .*q8_bifurcated"),
         ("quant.grad_bits=0", r"grad_bits=0 is invalid.*2\.\.16"),
         ("model.name=resnt18", r"'resnt18' is not a timm model; did you mean .*resnet18"),
-        ("data.batch_size=0", r"data\.batch_size=0 is invalid: it must be an integer >= 1"),
-        ("test_weights=last", r"test_weights='last' is invalid: valid choices are best, final"),
-        ("quant.backend=gpu", r"backend='gpu' is invalid: valid choices are auto, reference, cpu"),
+        pytest.param("data.batch_size=0",
+                     r"data\.batch_size=0 is invalid: it must be an integer >= 1",
+                     marks=pytest.mark.slow),
+        pytest.param("test_weights=last",
+                     r"test_weights='last' is invalid: valid choices are best, final",
+                     marks=pytest.mark.slow),
+        pytest.param("quant.backend=gpu",
+                     r"backend='gpu' is invalid: valid choices are auto, reference, cpu",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_bad_override_fails_fast_with_one_line(override: str, message: str) -> None:

@@ -36,7 +36,7 @@ def _quantized(model: nn.Module, backend: str, **config) -> nn.Module:
     return quantize_model(model, QuantConfig(backend=backend, **config))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param("reference", marks=pytest.mark.slow), "cpu"])
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow),
                                   "vit_tiny_patch16_224"])
 def test_a_quantized_timm_model_traces_as_one_graph(backend, name):
@@ -65,7 +65,7 @@ def _net() -> nn.Module:
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
-@pytest.mark.parametrize("bn", ["range", "batchnorm"])
+@pytest.mark.parametrize("bn", ["range", pytest.param("batchnorm", marks=pytest.mark.slow)])
 def test_fullgraph_training_step_matches_eager(backend, bn):
     """With Range BN a compiled step's loss equals eager's to the bit (nearest rounding in
     forward; Range BN's sums are exact sums of integers), and so do the running statistics and

@@ -93,7 +93,8 @@ def test_an_unquantized_model_has_no_quantized_flops():
     assert report.to_dict()["forward_share"] == 0.0
 
 
-@pytest.mark.parametrize(("preset", "share"), [("q8_bifurcated", 1.0), ("fp32", 0.0)])
+@pytest.mark.parametrize(("preset", "share"), [
+    ("q8_bifurcated", 1.0), pytest.param("fp32", 0.0, marks=pytest.mark.slow)])
 def test_the_app_reports_coverage_at_the_first_step(preset, share, tiny_config, tmp_path):
     """The default callbacks measure the first step: every GEMM of q8's ResNet on quantized
     operands, none of fp32's; the figures reach metrics.json."""

@@ -283,3 +283,94 @@ def test_a_squeeze_excitation_module_becomes_a_gate_twin():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         model(x)
     assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+
+
+NO_BITS = q8.QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
+
+
+def mha_pair(config, **kw):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, **kw)
+    twin = q8.quantize_model(nn.Sequential(nn.MultiheadAttention(16, 4, **kw)), config)[0]
+    twin.load_state_dict(ref.state_dict())
+    return ref, twin
+
+
+@pytest.mark.parametrize("case", ["plain", "batch_first", "kdim", "padding", "bool_mask",
+                                  "float_mask_3d", "no_weights", "per_head", "unbatched",
+                                  "causal"])
+def test_multihead_attention_at_full_precision_is_torch_s(case):
+    """With nothing quantized the twin is nn.MultiheadAttention: outputs, returned weights and
+    gradients, to fp32's rounding (sums of 16 products of O(1) values)."""
+    kw = {"batch_first": case == "batch_first"}
+    if case == "kdim":
+        kw.update(kdim=8, vdim=12)
+    ref, twin = mha_pair(NO_BITS, **kw)
+    assert type(twin).__name__ == "Q8MultiheadAttention"
+    g = torch.Generator().manual_seed(1)
+    L, S, N = 5, 7, 3
+    q = torch.randn((N, L, 16) if kw["batch_first"] else (L, N, 16), generator=g)
+    k = torch.randn((S, N, kw.get("kdim", 16)), generator=g)
+    v = torch.randn((S, N, kw.get("vdim", 16)), generator=g)
+    if kw["batch_first"]:
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
+    call = {}
+    if case == "padding":
+        call["key_padding_mask"] = torch.tensor([[False] * 6 + [True]] * N)
+    elif case == "bool_mask":
+        call["attn_mask"] = torch.rand(L, S, generator=g) > 0.7
+        call["attn_mask"][:, 0] = False  # every query attends somewhere
+    elif case == "float_mask_3d":
+        call["attn_mask"] = torch.randn(N * 4, L, S, generator=g)
+    elif case == "no_weights":
+        call["need_weights"] = False
+    elif case == "per_head":
+        call["average_attn_weights"] = False
+    elif case == "unbatched":
+        q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    elif case == "causal":
+        q, k, v = q[:, :], q.clone(), q.clone()
+        call.update(attn_mask=nn.Transformer.generate_square_subsequent_mask(L), is_causal=True)
+    outs = []
+    for module in (ref, twin):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out, weights = module(*inputs, **call)
+        out.backward(torch.ones_like(out))
+        outs.append((out, weights, [t.grad for t in inputs],
+                     [p.grad for p in module.parameters()]))
+    (o1, w1, gi1, gp1), (o2, w2, gi2, gp2) = outs
+    torch.testing.assert_close(o2, o1, rtol=0, atol=1e-5)
+    assert (w1 is None) == (w2 is None)
+    if w1 is not None:
+        torch.testing.assert_close(w2, w1, rtol=0, atol=1e-5)
+    for a, b in zip(gi2 + gp2, gi1 + gp1):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_multihead_attention_runs_every_gemm_in_8_bits():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = q8.quantize_model(Net(), q8.QuantConfig())
+    assert ("attn", "MultiheadAttention", "Q8MultiheadAttention") in model.q8_report.replaced
+    report = q8.coverage(model, torch.randn(4, 12, 32))
+    assert report.share("forward") == 1.0 and report.share("backward") == 1.0
+    q8.dequantize_model(model)
+    assert type(model.attn) is nn.MultiheadAttention
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_multihead_attention_with_bias_kv_is_left_alone_and_reported():
+    model = q8.quantize_model(nn.Sequential(nn.MultiheadAttention(16, 4, add_bias_kv=True)),
+                              q8.QuantConfig())
+    assert type(model[0]) is nn.MultiheadAttention
+    assert ("0", "MultiheadAttention", "add_bias_kv or add_zero_attn: no twin") in (
+        model.q8_report.kept)
