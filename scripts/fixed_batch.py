@@ -59,6 +59,8 @@ def float_activations(model: nn.Module) -> None:
             m.__class__ = next(c for c in type(m).__mro__ if not c.__module__.startswith("q8"))
 
 
+SMALL_INPUT = {"vit": {"img_size": 32, "patch_size": 8}}  # a family's arguments at 32x32
+
 Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
 VARIANTS: dict[str, Variant] = {
     "fp32": (None, None),
@@ -84,7 +86,7 @@ def run(name: str, variant: Variant, seed: int, steps: int) -> tuple[float, str 
     """The loss after `steps` steps, and where the model first went non-finite (or None)."""
     config, change = variant
     torch.manual_seed(seed)
-    model = timm.create_model(name, num_classes=10)
+    model = timm.create_model(name, num_classes=10, **SMALL_INPUT.get(name.split("_")[0], {}))
     if config is not None:
         q8.quantize_model(model, config)
     if change is not None:
