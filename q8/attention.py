@@ -53,7 +53,7 @@ from q8.config import QuantConfig
 from q8.functional import BifurcatedLayerFn, GradSpec, LayerSpec
 from q8.kernels import Kernels
 from q8.kernels.reference import fake_quant, minmax
-from q8.layers import _IN_Q8_GEMM, WeightReaderMixin
+from q8.layers import _IN_Q8_GEMM, WeightReaderMixin, in_q8_gemm
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,6 @@ def _quantize(k, x: Tensor, bits: int | None) -> tuple[Tensor, tuple[Tensor, ...
         return x, (x,)
     lo, hi = minmax(x.detach())
     return k.quantize_input(x, lo.float(), hi.float(), bits)
-
-
-def _data_grad(k, g: Tensor, grad: GradSpec) -> Tensor:  # noqa: ANN001
-    """g quantized to the data path's bits (stochastic rounding by default)."""
-    return k.grad_pair(g, grad.bits, grad.bits, grad.seed(), True, False)[0]
 
 
 def _per_row(x: Tensor, bits: int | None, seed: Tensor | None = None) -> Tensor:
@@ -107,7 +102,7 @@ class QuantMatmulFn(torch.autograd.Function):
         k = ctx.kernels.on(gy)
         saved = ctx.saved_tensors
         a_hat, b_hat = k.restore(saved[: ctx.n_a]), k.restore(saved[ctx.n_a :])
-        g = _data_grad(k, gy, ctx.spec.grad)
+        g = ctx.spec.grad.data_copy(k, gy)
         need_a, need_b = ctx.needs_input_grad[:2]
         ga = _reduce_to(g @ b_hat.mT, ctx.shapes[0]) if need_a else None
         gb = _reduce_to(a_hat.mT @ g, ctx.shapes[1]) if need_b else None
@@ -123,8 +118,13 @@ def _attention_bias(mask: Tensor | None, is_causal: bool, L: int, S: int,
         mask = causal if mask is None else mask & causal
     if mask is None or mask.dtype != torch.bool:
         return mask
-    return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
-        ~mask, float("-inf"))
+    return _blocked(~mask, like)
+
+
+def _blocked(not_attended: Tensor, like: Tensor) -> Tensor:
+    """A boolean mask as an additive bias in like's dtype: -inf where True, 0 elsewhere."""
+    return torch.zeros(not_attended.shape, dtype=like.dtype, device=like.device).masked_fill(
+        not_attended, float("-inf"))
 
 
 class QuantAttentionFn(torch.autograd.Function):
@@ -164,7 +164,7 @@ class QuantAttentionFn(torch.autograd.Function):
         p = torch.softmax(_scores(q_hat, k_hat, ctx.scale, bias), dim=-1)
         p_drop = p if keep is None else p * keep / (1 - ctx.dropout_p)
         p_hat = _per_row(p_drop, spec.act_bits)
-        g = _data_grad(kr, gy, spec.grad)
+        g = spec.grad.data_copy(kr, gy)
         gv = p_hat.mT @ g
         dp = g @ v_hat.mT
         if keep is not None:
@@ -274,13 +274,8 @@ class _QuantProducts(TorchFunctionMode):
 def _counted(fn, *args, **kwargs):  # noqa: ANN001, ANN202
     """fn run as a q8 GEMM, in float32 with autocast off: products inside it run as they
     are."""
-    _IN_Q8_GEMM[0] += 1
-    try:
-        device = args[0].device.type
-        with torch.autocast(device, enabled=False):
-            return fn(*args, **kwargs)
-    finally:
-        _IN_Q8_GEMM[0] -= 1
+    with in_q8_gemm(), torch.autocast(args[0].device.type, enabled=False):
+        return fn(*args, **kwargs)
 
 
 class ProductMixin:
@@ -363,10 +358,7 @@ def _mha_bias(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_caus
     """MultiheadAttention's masks as one additive bias of shape (N or 1, H or 1, L, S): a
     boolean True is a position not attended (-inf), a float mask is added."""
     def additive(mask: Tensor) -> Tensor:
-        if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=like.dtype, device=like.device).masked_fill(
-                mask, float("-inf"))
-        return mask.to(like.dtype)
+        return _blocked(mask, like) if mask.dtype == torch.bool else mask.to(like.dtype)
 
     bias = None
     if attn_mask is not None:

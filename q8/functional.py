@@ -22,6 +22,7 @@ from q8 import gemm
 from q8.config import check_bits
 from q8.gemm import Geometry, Operand
 from q8.kernels import Kernels
+from q8.kernels.interface import Backend
 from q8.kernels.reference import draw_seed, fake_quant, minmax
 
 
@@ -38,6 +39,11 @@ class GradSpec:
         stochastically, None for rounding to nearest or nothing to round."""
         quantized = self.bits is not None or self.wbits is not None
         return draw_seed() if quantized and self.rounding == "stochastic" else None
+
+    def data_copy(self, k: Backend, g: Tensor) -> Tensor:
+        """g quantized once, to the data path's bits, for a backward with no weight gradient
+        (a norm's, a product of two activations'): `k` is the backend serving g."""
+        return k.grad_pair(g, self.bits, self.bits, self.seed(), True, False)[0]
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ standardisation) and its own Linear keep their behaviour, quantized around it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,16 @@ def float32_under_autocast(forward: Callable) -> Callable:
 _IN_Q8_GEMM = [0]  # q8 GEMM calls running: inside one, a weight-reading module routes nothing
 
 
+@contextlib.contextmanager
+def in_q8_gemm() -> Iterator[None]:
+    """Marks a q8 GEMM running (_IN_Q8_GEMM): the GEMMs inside it are its own, not rerouted."""
+    _IN_Q8_GEMM[0] += 1
+    try:
+        yield
+    finally:
+        _IN_Q8_GEMM[0] -= 1
+
+
 class _RerouteWeights(TorchFunctionMode):
     """Inside the forward of a module whose own code reads a twin's weight, F.linear / F.conv*
     on that weight run the twin's quantized GEMM (timm's BEiT, EVA and SwinV2 attention call
@@ -206,11 +217,8 @@ class QuantLayerMixin(ActRangeMixin):
 
     def _q8_apply(self, x: Tensor, weight: Tensor, bias: Tensor | None, spec: LayerSpec) -> Tensor:
         lo, hi = self._q8_input_range(x) if spec.act_bits is not None else (None, None)
-        _IN_Q8_GEMM[0] += 1
-        try:
+        with in_q8_gemm():
             return BifurcatedLayerFn.apply(x, weight, bias, lo, hi, spec, self.q8_kernels)
-        finally:
-            _IN_Q8_GEMM[0] -= 1
 
     def _q8_linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         return self._q8_apply(x, weight, bias, self.q8_spec)

@@ -219,7 +219,7 @@ class QuantBNFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_hat = k.restore(saved[: ctx.n_x])
         weight, save_mean, save_invstd = saved[ctx.n_x :]
-        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
+        g = ctx.grad.data_copy(k, gy)
         mask = [ctx.needs_input_grad[0], weight is not None, weight is not None]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
             g, x_hat, weight, None, None, save_mean, save_invstd, True, ctx.eps, mask)
@@ -410,7 +410,7 @@ class QuantSampleNormFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_hat = k.restore(saved[: ctx.n_x])
         weight, bias, mean, rstd = saved[ctx.n_x :]
-        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
+        g = ctx.grad.data_copy(k, gy)
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[1], bias is not None and need[2]]
         if spec.groups is None:
@@ -458,7 +458,7 @@ class RangeSampleNormFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         x_hat = k.restore(saved[: ctx.n_x])
         weight, mean, sigma, S, v_max, v_min = saved[ctx.n_x :]
-        g = k.grad_pair(gy, ctx.grad.bits, ctx.grad.bits, ctx.grad.seed(), True, False)[0]
+        g = ctx.grad.data_copy(k, gy)
         g = g.contiguous()  # sums in one order on every backend (gy may come permuted)
         rows, n = spec.rows(x_hat)
         shape = spec.affine_shape(x_hat)
