@@ -10,6 +10,7 @@ from q8.kernels import BACKENDS
 
 ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
+BN_COMPUTES = ("float", "8bit")
 NORM_TYPES = ("standard", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
 MIN_BITS, MAX_BITS = 2, 16
@@ -38,11 +39,16 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 class QuantConfig:
     """What q8 quantizes. Any `*_bits` set to None leaves that tensor in full precision.
 
-    The defaults are the paper's setting: 8-bit weights, activations and layer gradient g_l,
-    a 16-bit copy of g_l for the weight gradient (bifurcation), stochastic gradient rounding,
-    Range BN. LayerNorm and GroupNorm (`norm`) stay standard by default, quantized in and out
-    like BN (`bn_param_bits` covers their gamma/beta too); `norm="range"` normalises them by the
-    scaled range of each token / group instead.
+    The defaults: 8-bit weights and activations at every GEMM, an 8-bit layer gradient g_l
+    and a 16-bit copy of it for the weight gradient (bifurcation), stochastic gradient
+    rounding; BatchNorm computes in full precision on the conv's output and keeps its
+    normalised input as 8-bit codes for backward (`bn_compute="float"`, docs/MOBILE_NETS.md:
+    depthwise and mobile nets do not train with an 8-bit grid ahead of BN's per-channel
+    division). The paper's exact setting, Range BN on an 8-bit input with an 8-bit output
+    gradient, is `bn="range"` (conf/quant/q8_paper.yaml). LayerNorm and
+    GroupNorm (`norm`) stay standard by default, quantized in and out (`bn_param_bits` covers
+    their gamma/beta too); `norm="range"` normalises them by the scaled range of each token /
+    group instead.
     """
 
     weight_bits: int | None = 8  # W of every conv/linear, nearest rounding
@@ -50,7 +56,11 @@ class QuantConfig:
     grad_bits: int | None = 8  # g_l used for dL/dx (the data path)
     wgrad_bits: int | None = 16  # copy of g_l used for dL/dW; None = fp32 copy
     grad_rounding: str = "stochastic"  # rounding of g_l (both copies)
-    bn: str = "range"  # "range" (Range BN) or "batchnorm" (standard BN, quantized in/out)
+    bn: str = "batchnorm"  # "batchnorm" (standard BN) or "range" (Range BN)
+    # standard BN: "float": statistics and backward on the full-precision input and g_l, the
+    # normalised input saved as 8-bit codes; "8bit": on the 8-bit input and g_l, as the paper.
+    # Range BN always computes on the 8-bit input and g_l (it is the paper's BN for that).
+    bn_compute: str = "float"
     norm: str = "standard"  # LayerNorm/GroupNorm: "standard" (quantized in/out) or "range"
     per_channel_weights: bool = False  # one range per output channel instead of per tensor
     act_momentum: float = 0.1  # EMA momentum of the activations' running range (used in eval)
@@ -66,6 +76,7 @@ class QuantConfig:
             check_bits(f"QuantConfig.{name}", getattr(self, name))
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _check_choice("bn", self.bn, BN_TYPES)
+        _check_choice("bn_compute", self.bn_compute, BN_COMPUTES)
         _check_choice("norm", self.norm, NORM_TYPES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
@@ -123,16 +134,23 @@ class QuantConfig:
         return all(b is None for b in bits) and self.bn == "batchnorm" and self.norm == "standard"
 
     @property
+    def float_bn(self) -> bool:
+        """Standard BN computing in full precision (bn_compute="float"), 8-bit codes saved."""
+        return self.bn == "batchnorm" and self.bn_compute == "float"
+
+    @property
     def bifurcated(self) -> bool:
         """g_W is computed from a different copy of g_l than dL/dx (the paper's bifurcation)."""
         return self.wgrad_bits != self.grad_bits
 
     def short_str(self) -> str:
-        """A compact label, e.g. 'w8a8g8/16-sr-rangebn' ('-rangenorm' added for norm="range")."""
+        """A compact label, e.g. 'w8a8g8/16-sr-batchnorm32' or 'w8a8g8/16-sr-rangebn' (the BN,
+        with 32 when it computes in full precision; '-rangenorm' added for norm="range")."""
         def b(v: int | None) -> str:
             return "32" if v is None else str(v)
 
         g = b(self.grad_bits) + ("/" + b(self.wgrad_bits) if self.bifurcated else "")
         r = "sr" if self.grad_rounding == "stochastic" else "rn"
         norm = "-rangenorm" if self.norm == "range" else ""
-        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{self.bn}bn{norm}"
+        bn = "batchnorm32" if self.float_bn else f"{self.bn}bn"
+        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}"

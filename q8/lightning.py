@@ -3,8 +3,9 @@
 
 Both are Lightning Precision plugins. Their `convert_module` runs `q8.quantize_model` on the
 LightningModule (under Fabric, on the module given to `fabric.setup`), in place, once: every
-conv and linear layer becomes its bifurcated 8-bit twin, BatchNorm Range BN, and so on, as
-`config` says. Master weights and the optimizer stay fp32.
+conv and linear layer becomes its bifurcated 8-bit twin, BatchNorm a twin that keeps 8-bit
+codes (or the paper's Range BN), and so on, as `config` says. Master weights and the optimizer
+stay fp32.
 
 Checkpoints. A q8 twin holds two buffers that its float original lacks (each layer's running
 input range `act_range` and its step count). Lightning loads a checkpoint's weights into the
@@ -22,11 +23,12 @@ instead (q8.dequantize_model of a copy that shares the tensors), so that `load_f
 works where q8 is not installed and rebuilds the float model. Lightning writes them after the
 plugin's own hook: a callback that Q8Precision adds to the Trainer does it.
 
-`sync_range_bn=True` makes every Range BN layer all-reduce its batch mean and chunk ranges across
-the ranks while training (q8.norm.set_range_bn_sync): Range BN of the global batch, for DDP runs
-with few images per GPU. Lightning's `sync_batchnorm=True` does the same: it makes every
+`sync_range_bn=True` makes every Range BN layer (`bn="range"`) all-reduce its batch mean and
+chunk ranges across the ranks while training (q8.norm.set_range_bn_sync): Range BN of the global
+batch, for DDP runs with few images per GPU. Lightning's `sync_batchnorm=True` makes every
 BatchNorm a SyncBatchNorm (timm's BatchNormAct2d loses its activation in that conversion, which
-is torch's) and q8 turns each SyncBatchNorm into synchronised Range BN.
+is torch's): with the default BN in full precision q8 leaves those to torch, which synchronises
+them; with Range BN q8 turns each into synchronised Range BN.
 
 Precision. Lightning refuses a `precision` given beside the plugin
 (`Trainer(precision="bf16-mixed", plugins=[Q8Precision()])` raises "Received both ... Choose

@@ -226,6 +226,52 @@ class QuantBNFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None, None, None
 
 
+def channel_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """x (B, C, H, W) as unsigned `bits`-bit codes with one [lo, hi] per channel (nearest
+    rounding): x ~ codes * scale + lo, |error| <= scale / 2."""
+    lo = x.amin((0, 2, 3), keepdim=True)
+    scale = (x.amax((0, 2, 3), keepdim=True) - lo).clamp_min(1e-12) / (2**bits - 1)
+    codes = torch.round((x - lo) / scale).to(torch.uint8 if bits <= 8 else torch.int32)
+    return codes, scale, lo
+
+
+class FloatBNFn(torch.autograd.Function):
+    """Standard BN in training mode on the full-precision input and output gradient; what it
+    keeps for backward is x_tilde = (x - mean) * invstd as 8-bit codes with one range per
+    channel (a channel that is mostly flat with a few spikes has |x_tilde| up to sqrt(n), so a
+    range shared by all channels would leave the others a few codes). Backward is torch's on
+    x = x_tilde / invstd + mean:
+
+        dL/dx = gamma * invstd * (g - mean(g) - x_tilde * mean(g * x_tilde))
+
+    with the means per channel, dL/dgamma = sum(g * x_tilde), dL/dbeta = sum(g)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, bits):  # noqa: ANN001, ANN205
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps)
+        if bits is None:
+            saved = (x.detach(),)
+        else:
+            saved = channel_codes((x.detach() - mean[:, None, None]) * invstd[:, None, None], bits)
+        ctx.eps = eps
+        ctx.save_for_backward(*saved, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        *saved, weight, mean, invstd = ctx.saved_tensors
+        if len(saved) == 1:
+            x = saved[0]
+        else:
+            codes, scale, lo = saved
+            x = (codes * scale + lo) / invstd[:, None, None] + mean[:, None, None]
+        mask = [ctx.needs_input_grad[0], weight is not None, weight is not None]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
+        return gx, gw, gb, None, None, None, None, None
+
+
 class QuantNormMixin(ActRangeMixin):
     """Quantized BN in place of a BatchNorm2d; timm's BatchNormAct2d keeps its drop and
     activation layers, applied after the normalisation as before."""
@@ -256,15 +302,20 @@ class QuantNormMixin(ActRangeMixin):
         if x.numel() == 0:  # an empty batch: an empty output, the statistics left alone
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
                                              bias, use_batch_stats, 0.0, self.eps)
+        rm = self.running_mean if self.training else None
+        rv = self.running_var if self.training else None
+        m = self._q8_momentum() if self.training and self.track_running_stats else 0.0
+        if self.q8_norm == "batchnorm" and cfg.bn_compute == "float":
+            if not use_batch_stats:
+                return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
+                                                 bias, False, 0.0, self.eps)
+            return FloatBNFn.apply(x, weight, bias, rm, rv, m, self.eps, cfg.act_bits)
         lo, hi = self._q8_input_range(x) if cfg.act_bits is not None else (None, None)
         if not use_batch_stats:  # eval: running statistics, input still quantized
             if cfg.act_bits is not None:
                 x = _FakeQuantizeRange.apply(x, cfg.act_bits, lo, hi, self.q8_kernels)
             return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
                                              bias, False, 0.0, self.eps)
-        rm = self.running_mean if self.training else None
-        rv = self.running_var if self.training else None
-        m = self._q8_momentum() if self.training and self.track_running_stats else 0.0
         if self.q8_norm == "range":
             return RangeBNFn.apply(x, weight, bias, lo, hi, rm, rv, m, cfg.act_bits, self.q8_grad,
                                    self.q8_range, self._q8_sync_group(), self.q8_kernels)

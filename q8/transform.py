@@ -72,6 +72,8 @@ def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     if cfg.act_bits is not None and activation_kind(module) is not None:  # GELU, SiLU...
         return QuantActivationMixin
     quantized = cfg.act_bits is not None or cfg.grad_bits is not None or cfg.bn_param_bits
+    if isinstance(module, nn.SyncBatchNorm) and cfg.float_bn:
+        return None  # torch's synchronised BN computes in full precision already
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
         if cfg.bn == "range":
             return RangeNormMixin
@@ -120,7 +122,8 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     Each module becomes its quantized twin, a subclass of its class that keeps its forward:
     - every convolution (1d, 2d, 3d, transposed too) and nn.Linear, subclasses included: 8-bit
       weights and input, a bifurcated 8/16-bit backward (q8.layers);
-    - every BatchNorm1d/2d/3d (timm's BatchNormAct2d too): Range BN or quantized BN; every
+    - every BatchNorm1d/2d/3d (timm's BatchNormAct2d too): BN in full precision keeping 8-bit
+      codes for backward, or the paper's Range BN / BN on an 8-bit input (`bn_compute`); every
       LayerNorm and GroupNorm (timm's LayerNorm2d, LayerNormAct, GroupNormAct...): quantized,
       or range-normalised with `norm="range"` (q8.norm);
     - ReLU and MaxPool2d keep 1-bit / 8-bit state for backward; GELU, SiLU, Hardswish, Sigmoid,
@@ -132,10 +135,12 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     Modules whose name matches a `config.skip` pattern, and everything inside them, stay as they
     are. The report is `model.q8_report` and is logged.
 
-    nn.SyncBatchNorm (Lightning's `sync_batchnorm=True` makes every BatchNorm one) becomes a
-    RangeBatchNorm2d synchronised across the ranks of its process group (q8.norm.set_range_bn_sync);
-    with `bn="batchnorm"` a QuantBatchNorm2d with per-replica statistics, and a warning: q8's
-    quantized BN does not synchronise. dequantize_model gives the SyncBatchNorm back.
+    nn.SyncBatchNorm (Lightning's `sync_batchnorm=True` makes every BatchNorm one) stays torch's
+    under the default BN, which computes in full precision as torch's does; with the paper's
+    Range BN it becomes a RangeBatchNorm2d synchronised across the ranks of its process group
+    (q8.norm.set_range_bn_sync); with `bn_compute="8bit"` a
+    QuantBatchNorm2d with per-replica statistics, and a warning: q8's quantized BN does not
+    synchronise. dequantize_model gives the SyncBatchNorm back.
 
     Every twin runs on the kernels of `config.backend` (q8.kernels), resolved here: a backend
     named explicitly that cannot run here raises q8.kernels.BackendUnavailable.
@@ -193,6 +198,10 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
         return
     if isinstance(module, nn.MultiheadAttention) and not supports_mha(module):
         report.kept.append((name, "MultiheadAttention", "add_bias_kv or add_zero_attn: no twin"))
+        return
+    if isinstance(module, nn.SyncBatchNorm) and cfg.float_bn:
+        report.kept.append((name, "SyncBatchNorm", "synchronised by torch, in full precision "
+                            "(bn_compute='float'; its input is kept in fp32)"))
         return
     old = type(module).__name__
     new = _swap(module, cfg, kernels)

@@ -52,6 +52,27 @@ def per_channel_norm(model: nn.Module) -> None:
                 lambda m, g, bits=bits: (q8.fake_quantize(g[0], bits, "stochastic", dim=1),))
 
 
+def norm_float_grad(model: nn.Module) -> None:
+    """BN twins keep their 8-bit input but take g_l in fp32 (the conv before them quantizes it)."""
+    for m in model.modules():
+        if isinstance(m, QuantNormMixin):
+            m.q8_grad = GradSpec(None, None)
+
+
+def norm_float_input(model: nn.Module) -> None:
+    """BN twins normalise their fp32 input; g_l stays 8-bit."""
+    for m in model.modules():
+        if isinstance(m, QuantNormMixin):
+            m.q8_config = dataclasses.replace(m.q8_config, act_bits=None)
+
+
+def norm_float(model: nn.Module) -> None:
+    """BN twins on their fp32 input and g_l (what bn_compute="float" does, without the 8-bit
+    saved input)."""
+    norm_float_grad(model)
+    norm_float_input(model)
+
+
 def float_activations(model: nn.Module) -> None:
     """Activation twins back to their float classes: backward keeps their fp32 input."""
     for m in model.modules():
@@ -62,23 +83,45 @@ def float_activations(model: nn.Module) -> None:
 SMALL_INPUT = {"vit": {"img_size": 32, "patch_size": 8}}  # a family's arguments at 32x32
 
 Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
+
+
+def paper(**change: object) -> q8.QuantConfig:
+    """The paper's setting (conf/quant/q8_paper.yaml) with `change` applied."""
+    return q8.QuantConfig(**{"bn": "range", "bn_compute": "8bit", **change})
+
+
+# Each study variant changes one thing against the paper's setting (q8_paper).
+STD_BN = {"bn": "batchnorm"}  # standard BN, still on the 8-bit input and g_l
+FP32 = {"weight_bits": None, "act_bits": None, "grad_bits": None, "wgrad_bits": None}
 VARIANTS: dict[str, Variant] = {
     "fp32": (None, None),
     "q8": (q8.QuantConfig(), None),  # the default: q8_bifurcated
-    "q8_no_act": (q8.QuantConfig(act_bits=None), None),  # activations in fp32
-    "q8_no_weight": (q8.QuantConfig(weight_bits=None), None),  # weights in fp32
-    "q8_fp32_grads": (q8.QuantConfig(grad_bits=None, wgrad_bits=None), None),
-    "q8_per_channel_w": (q8.QuantConfig(per_channel_weights=True), None),
-    "q8_std_bn": (q8.QuantConfig(bn="batchnorm"), None),  # standard BN, quantized in/out
-    "q8_skip_bn": (q8.QuantConfig(skip=["*bn*"]), None),  # every BN left in fp32
-    "q8_skip_se": (q8.QuantConfig(skip=["*.se.*"]), None),
-    "q8_skip_dw": (q8.QuantConfig(skip=["*conv_dw"]), None),
-    "q8_skip_ends": (q8.QuantConfig(skip=["conv_stem", "conv_head", "classifier"]), None),
-    "q8_bn_input_per_channel": (q8.QuantConfig(), per_channel_norm_input),
-    "q8_std_bn_input_per_channel": (q8.QuantConfig(bn="batchnorm"), per_channel_norm_input),
-    "q8_float_act_saves": (q8.QuantConfig(), float_activations),
-    "q8_bn_per_channel": (q8.QuantConfig(), per_channel_norm),  # BN input and g_l
-    "q8_std_bn_per_channel": (q8.QuantConfig(bn="batchnorm"), per_channel_norm),
+    "q8_paper": (paper(), None),
+    "q8_no_act": (paper(act_bits=None), None),  # activations in fp32
+    "q8_no_weight": (paper(weight_bits=None), None),  # weights in fp32
+    "q8_fp32_grads": (paper(grad_bits=None, wgrad_bits=None), None),
+    "q8_per_channel_w": (paper(per_channel_weights=True), None),
+    "q8_std_bn": (paper(**STD_BN), None),
+    "q8_skip_bn": (paper(skip=["*bn*"]), None),  # every BN left in fp32
+    "q8_skip_se": (paper(skip=["*.se.*"]), None),
+    "q8_skip_dw": (paper(skip=["*conv_dw"]), None),
+    "q8_skip_ends": (paper(skip=["conv_stem", "conv_head", "classifier"]), None),
+    "q8_bn_input_per_channel": (paper(), per_channel_norm_input),
+    "q8_std_bn_input_per_channel": (paper(**STD_BN), per_channel_norm_input),
+    "q8_float_act_saves": (paper(), float_activations),
+    "q8_bn_per_channel": (paper(), per_channel_norm),  # BN input and g_l
+    "q8_std_bn_per_channel": (paper(**STD_BN), per_channel_norm),
+    "q8_bn_float_g": (paper(), norm_float_grad),
+    "q8_bn_float_in": (paper(), norm_float_input),
+    "q8_bn_float": (paper(), norm_float),
+    "q8_std_bn_float_in": (paper(**STD_BN), norm_float_input),
+    "q8_std_bn_float_g": (paper(**STD_BN), norm_float_grad),
+    "q8_std_bn_float": (paper(**STD_BN), norm_float),
+    "fp32_range_bn": (paper(**FP32), None),  # Range BN, nothing quantized
+    # against the default
+    "q8_default_per_channel_w": (q8.QuantConfig(per_channel_weights=True), None),
+    "q8_default_no_act": (q8.QuantConfig(act_bits=None), None),
+    "q8_default_fp32_grads": (q8.QuantConfig(grad_bits=None, wgrad_bits=None), None),
 }
 
 

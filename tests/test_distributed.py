@@ -146,7 +146,8 @@ def test_torchrun_run_shares_a_derived_run_dir_and_syncs_range_bn(tmp_path):
     makes every rank's Range BN statistics (hence running stats) those of the global batch."""
     log_dir, probe = tmp_path / "outputs", tmp_path / "probe"
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
-          *DDP_RUN, "sync_range_bn=true", *_probe(probe)], Q8_LOG_DIR=str(log_dir))
+          *DDP_RUN, "quant=q8_paper", "sync_range_bn=true", *_probe(probe)],
+         Q8_LOG_DIR=str(log_dir))
     (run_dir,) = (log_dir / "runs").iterdir()
     assert run_dir.name.startswith("torchrun-")
     _check_one_run(tmp_path, run_dir)
@@ -301,16 +302,17 @@ def test_q8precision_sync_range_bn_syncs_every_range_bn_layer_it_made(caplog):
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
 
-    synced = Q8Precision(sync_range_bn=True).convert_module(model())
+    paper = {"bn": "range"}
+    synced = Q8Precision(paper, sync_range_bn=True).convert_module(model())
     layers = [m for m in synced.modules() if isinstance(m, RangeNormMixin)]
     assert len(layers) == 2 and all(m.q8_sync == "world" for m in layers)
     assert all(isinstance(m, nn.BatchNorm2d) for m in layers)  # not made SyncBatchNorm
-    plain = Q8Precision().convert_module(model())
+    plain = Q8Precision(paper).convert_module(model())
     assert all(m.q8_sync is None for m in plain.modules() if isinstance(m, RangeNormMixin))
     assert type(pickle.loads(pickle.dumps(Q8Precision(sync_range_bn=True)))) is Q8Precision
 
     with caplog.at_level(logging.WARNING, logger="q8"):  # nothing to sync: said, not silent
-        Q8Precision({"bn": "batchnorm"}, sync_range_bn=True).convert_module(model())
+        Q8Precision(sync_range_bn=True).convert_module(model())  # the default BN
     assert "no Range BN layer" in caplog.text
 
 

@@ -285,7 +285,10 @@ def test_a_squeeze_excitation_module_becomes_a_gate_twin():
     assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
 
 
-NO_BITS = q8.QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
+# nothing quantized; norm="range" keeps quantize_model from skipping the model as full precision
+# (there is no LayerNorm here for it to change)
+NO_BITS = q8.QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None,
+                         norm="range")
 
 
 def mha_pair(config, **kw):

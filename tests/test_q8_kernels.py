@@ -279,10 +279,13 @@ def _tiny_net():
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
+PAPER = QuantConfig(bn="range")  # Range BN runs on the fused kernels; the default BN on torch's
+
+
 def _step(backend, config=None, model=_tiny_net, shape=(8, 3, 12, 12)):
     import dataclasses
 
-    config = config or QuantConfig()
+    config = config or PAPER
     dev = device_of(backend)
     m = quantize_model(model(), dataclasses.replace(config, backend=backend)).to(dev)
     g = torch.Generator().manual_seed(1)
@@ -294,10 +297,11 @@ def _step(backend, config=None, model=_tiny_net, shape=(8, 3, 12, 12)):
     return [loss] + [p.grad for p in m.parameters()] + [b for b in m.buffers()]
 
 
-@pytest.mark.parametrize("config", [QuantConfig(), QuantConfig(bn="batchnorm"),
+@pytest.mark.parametrize("config", [PAPER, QuantConfig(bn="batchnorm", bn_compute="8bit"),
+                                    QuantConfig(),
                                     QuantConfig(wgrad_bits=None, per_channel_weights=True),
                                     QuantConfig(gemm="codes"), QuantConfig(gemm="int8")],
-                         ids=["paper", "batchnorm", "fp32-wgrad", "codes", "int8"])
+                         ids=["paper", "batchnorm", "default", "fp32-wgrad", "codes", "int8"])
 def test_a_training_step_is_the_same_on_every_backend(fast, config):
     """Loss, every gradient and every buffer (running statistics and ranges) to the bit."""
     assert all_same(_step(fast, config), _step("reference", config))

@@ -39,13 +39,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, project.Cla
 
 
 def test_the_plugin_quantizes_the_users_model_and_it_learns(trained) -> None:
-    """Every conv and linear of torchvision's ResNet-18 became a q8 twin, every BatchNorm Range
-    BN; the loss of this fixed seed and CPU backend falls from chance (ln 10 = 2.30)."""
+    """Every conv and linear of torchvision's ResNet-18 became a q8 twin, every BatchNorm the
+    default's BN twin; the loss of this fixed seed and CPU backend falls from chance
+    (ln 10 = 2.30)."""
     out, model = trained
     convs = [m for m in model.modules() if type(m) is torch.nn.Conv2d]
     assert not convs and isinstance(model.net.conv1, q8.QuantConv2d)
     assert isinstance(model.net.fc, q8.QuantLinear)
-    assert isinstance(model.net.bn1, q8.RangeBatchNorm2d)
+    assert isinstance(model.net.bn1, q8.QuantBatchNorm2d)
     losses = json.loads((out / "losses.json").read_text())
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -240,8 +241,9 @@ def test_bf16_mixed_beside_q8_trains_with_the_q8_layers_in_float32() -> None:
     t.fit(model, _tiny_data())
     assert t.precision == "bf16-mixed"
     assert type(model.mid) is q8.QuantLinear and type(model.pre) is nn.Linear
-    for layer in (model.body[0], model.body[1], model.mid):  # every step quantized them
+    for layer in (model.body[0], model.mid):  # every step quantized their input
         assert int(layer.act_range_steps) == 3
+    assert type(model.body[1]) is q8.QuantBatchNorm2d  # BN in full precision, codes saved
     _check_float32_island(calls, model.mid)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for h in hooks:

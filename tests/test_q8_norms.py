@@ -335,9 +335,9 @@ def test_quantize_model_picks_the_twin_by_the_config():
         model = nn.Sequential(nn.LayerNorm(8), GroupNormAct(8, 2), nn.BatchNorm1d(8))
         return [type(m).__name__ for m in quantize_model(model, QuantConfig(**cfg))]
 
-    assert convert() == ["QuantLayerNorm", "QuantGroupNormAct", "RangeBatchNorm1d"]
-    assert convert(norm="range", bn="batchnorm") == [
-        "RangeLayerNorm", "RangeGroupNormAct", "QuantBatchNorm1d"]
+    assert convert() == ["QuantLayerNorm", "QuantGroupNormAct", "QuantBatchNorm1d"]
+    assert convert(norm="range", bn="range") == [
+        "RangeLayerNorm", "RangeGroupNormAct", "RangeBatchNorm1d"]
     assert convert(**FP) == ["LayerNorm", "GroupNormAct", "BatchNorm1d"]  # nothing to quantize
 
 

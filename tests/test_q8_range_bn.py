@@ -200,7 +200,7 @@ def test_quantized_batchnorm_gradients_are_8_bit_noisy_but_unbiased(backend):
     bn = torch.nn.BatchNorm2d(4).to(dev)
     xr = x.clone().requires_grad_(True)
     bn(xr).backward(g)
-    cfg = QuantConfig(act_bits=None, bn="batchnorm", backend=backend)
+    cfg = QuantConfig(act_bits=None, bn="batchnorm", bn_compute="8bit", backend=backend)
     qbn = QuantBatchNorm2d(4, q8_config=cfg).to(dev)
     draws = []
     for _ in range(200):

@@ -185,14 +185,15 @@ def test_dequantize_model_gives_back_the_float_model():
 @pytest.mark.parametrize("bn", ["range", "batchnorm"])
 def test_sync_batchnorm_becomes_synchronised_range_bn(bn, caplog):
     """Lightning's sync_batchnorm=True gives SyncBatchNorm: Range BN synced over its group
-    (per-replica quantized BN for bn="batchnorm", with a warning). On one process the sync is
+    (per-replica quantized BN for bn="batchnorm" on the 8-bit input, with a warning). On one
+    process the sync is
     a no-op: the same forward and backward as the BatchNorm2d twin."""
     group = object()  # a stand-in process group: unused while torch.distributed is not set up
     sync = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4),
                          nn.SyncBatchNorm(4, process_group=group))
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     plain.load_state_dict(sync.state_dict())
-    config = QuantConfig(backend="reference", bn=bn)
+    config = QuantConfig(backend="reference", bn=bn, bn_compute="8bit")
     with caplog.at_level("WARNING", logger="q8"):
         quantize_model(sync, config)
     quantize_model(plain, config)
@@ -213,3 +214,14 @@ def test_sync_batchnorm_becomes_synchronised_range_bn(bn, caplog):
     assert torch.equal(outputs[0][0], outputs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outputs[0][1], outputs[1][1]))
     assert type(q8.dequantize_model(sync)[1]) is nn.SyncBatchNorm
+
+
+def test_sync_batchnorm_stays_torch_s_under_full_precision_bn(caplog):
+    """The default BN computes in full precision: torch's SyncBatchNorm already does, and
+    synchronises; q8 leaves it, and its report says why."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4))
+    with caplog.at_level("WARNING", logger="q8"):
+        quantize_model(model, QuantConfig(backend="reference"))
+    assert type(model[1]) is nn.SyncBatchNorm and "per-replica" not in caplog.text
+    assert ("1", "SyncBatchNorm", "synchronised by torch, in full precision (bn_compute='float'; "
+            "its input is kept in fp32)") in model.q8_report.kept

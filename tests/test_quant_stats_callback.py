@@ -158,7 +158,7 @@ def test_keys_reach_the_csv_log_and_histograms_reach_wandb(tmp_path, monkeypatch
         return log_metrics(self, metrics, step)
 
     monkeypatch.setattr(WandbLogger, "log_metrics", spy)
-    fit_tiny(tmp_path, QuantConfig(), [QuantStatsCallback(log_every_n_steps=2,
+    fit_tiny(tmp_path, QuantConfig(bn="range"), [QuantStatsCallback(log_every_n_steps=2,
                                                           histogram_every_n_steps=2)])
     assert len(list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))) == 1  # W&B wrote its run
     history = read_history(tmp_path)
@@ -193,7 +193,10 @@ def test_keys_reach_the_csv_log_and_histograms_reach_wandb(tmp_path, monkeypatch
 def test_fp32_reference_gradient_matches_the_layer_exactly(tmp_path):
     # q8 layers with nothing quantized compute the fp32 gradient: the cosine must be 1, which
     # checks that the hooks capture this layer's own x and g_l
-    fp32 = QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None)
+    # (bn="range" keeps quantize_model from skipping the model as full precision; the layers
+    # checked are the conv and linear twins)
+    fp32 = QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None,
+                       bn="range")
     fit_tiny(tmp_path, fp32, [QuantStatsCallback(log_every_n_steps=1)], logger="csv", steps=2)
     rows = [r for r in _csv_rows(tmp_path) if r.get("quant/fc/wgrad_cosine") == r.get(
         "quant/fc/wgrad_cosine")]
