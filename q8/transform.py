@@ -51,6 +51,11 @@ class QuantReport:
         lines = [f"q8 {self.config.short_str()}: replaced {len(self.replaced)} modules"]
         for (old, new), n in sorted(Counter((o, w) for _, o, w in self.replaced).items()):
             lines.append(f"  {n:4d} x {old} -> {new}")
+        bns = sum(w.startswith("QuantBatchNorm") for _, _, w in self.replaced)
+        if bns and self.config.float_bn:
+            lines.append(f"the {bns} BatchNorm layers compute in full precision and keep 8-bit "
+                         "codes of their normalised input (bn_compute='float'; the paper's Range "
+                         "BN on an 8-bit input: bn='range')")
         if self.kept:
             lines.append(f"left in full precision: {len(self.kept)} modules")
             for (cls, why), n in sorted(Counter((c, r) for _, c, r in self.kept).items()):

@@ -118,6 +118,8 @@ def test_every_bn_of_a_mobile_net_becomes_a_float_bn_twin() -> None:
     quantize_model(model, QuantConfig())
     modules = dict(model.named_modules())
     assert bns and all(isinstance(modules[n], QuantNormMixin) for n in bns)
+    assert (f"the {len(bns)} BatchNorm layers compute in full precision and keep 8-bit codes"
+            in model.q8_report.summary())
     x = torch.randn(8, 1, 32, 32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):

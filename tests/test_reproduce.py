@@ -31,19 +31,19 @@ def test_fast_reproduction_trains_both_and_checks_parity(tmp_path: Path) -> None
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "[1/2] fp32 seed 0: ok" in proc.stdout  # a line per run as it ends
-    assert "[2/2] q8_bifurcated seed 0: ok" in proc.stdout
+    assert "[1/2] resnet18/fp32 seed 0: ok" in proc.stdout  # a line per run as it ends
+    assert "[2/2] resnet18/q8_bifurcated seed 0: ok" in proc.stdout
     for name in ("fp32", "q8_bifurcated"):
-        metrics = json.loads((out / name / "seed0" / "metrics.json").read_text())
+        metrics = json.loads((out / "resnet18" / name / "seed0" / "metrics.json").read_text())
         assert metrics["epochs"] == 5 and metrics["seed"] == 0
         assert metrics["train/loss"] < math.log(10) / 4, (name, metrics["train/loss"])
     assert "parity: q8_bifurcated - fp32 =" in proc.stdout
     report = (out / "RESULTS.md").read_text()
     assert "python scripts/reproduce.py --fast --out" in report  # the command that made it
-    assert "| `q8_bifurcated` |" in report and "| `fp32` |" in report
-    assert "| n/a | 1 and 1 | not resolved (one seed) |" in report
+    assert "| resnet18 | SGD |" in report  # the parity row of the one family
+    assert "| n/a | not resolved (one seed) |" in report
     assert ", 5 epochs, batch 64," in report  # the recipe says what the runs did
-    assert (out / "results" / "bits.png").is_file()
+    assert (out / "results" / "digits_parity_parity.png").is_file()
 
 
 def test_report_flags_a_broken_parity_bound(tmp_path: Path, load_script) -> None:
@@ -51,47 +51,54 @@ def test_report_flags_a_broken_parity_bound(tmp_path: Path, load_script) -> None
     reproduce = load_script("reproduce")
     out = tmp_path / "runs"
     for name, acc in (("fp32", 0.99), ("q8_bifurcated", 0.90)):
-        run = out / name / "seed0"
+        run = out / "resnet18" / name / "seed0"
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps(
             {"test/acc": acc, "train/loss": 0.1, "wall_time_s": 60.0}))
     code = reproduce.main(["--fast", "--report-only", "--out", str(out)])
     assert code == 1  # 9 points apart, the bound is 5
     report = (out / "RESULTS.md").read_text()
-    assert "`q8_bifurcated` − `fp32` | -9.00 | n/a | 1 and 1 | not resolved (one seed) |" in report
+    assert "| 99.00 | 90.00 | -9.00 | n/a | not resolved (one seed) |" in report
     assert reproduce.main(["--fast", "--report-only", "--out", str(out), "--bound", "10"]) == 0
 
 
-# q8_batchnorm's two seeds below agree exactly: scipy warns that a variance of 0 is imprecise
-@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")
-def test_claims_get_more_seeds_and_a_verdict_each(tmp_path: Path, load_script) -> None:
-    """The parity and Range BN configurations run --claim-seeds seeds, the ablations --seeds;
-    each claim's line gives the difference of means, Welch's 95% interval and the verdict."""
+def test_parity_verdict_is_the_interval_against_the_target(load_script) -> None:
+    """Each family's row: the two means, their difference, Welch's 95% interval and the verdict:
+    parity when the whole interval lies above -0.5 points, NO when it lies below."""
     reproduce = load_script("reproduce")
-    seeds = reproduce.plan(reproduce.CONFIGS, [0, 1, 2], 5)
-    assert seeds["fp32"] == seeds["q8_batchnorm"] == [0, 1, 2, 3, 4]
-    assert seeds["q8_nearest_grads"] == seeds["all2"] == [0, 1, 2]
-    accs = {"fp32": [0.99, 0.98], "q8_bifurcated": [0.986, 0.976],
-            "fp32_range_bn": [0.96, 0.97], "q8_batchnorm": [0.99, 0.99]}
-    runs = {name: [{"test/acc": a} for a in values] for name, values in accs.items()}
-    lines = "\n".join(reproduce.claims_table(runs))
-    # standard error sqrt(s_a^2 / 2 + s_b^2 / 2) with both variances 0.5 (points^2): 0.71; Welch's
-    # degrees of freedom 0.25 / (0.0625 + 0.0625) = 2, t(0.975, 2) = 4.303: d +- 3.04
-    assert "`q8_bifurcated` − `fp32` | -0.40 | [-3.44, +2.64] | 2 and 2 | not resolved |" in lines
-    # q8_batchnorm's seeds agree (variance 0): se = sqrt(0.5 / 2), Welch's degrees of freedom 1,
-    # t(0.975, 1) = 12.71: d +- 6.35 (Student's pooled interval, with 2 degrees of freedom, would
-    # be d +- 2.15)
-    assert "`q8_bifurcated` − `q8_batchnorm` | -0.90 | [-7.25, +5.45] | 2 and 2 | " \
-        "not resolved |" in lines
-    # four seeds each, 0.1-point spread: the interval resolves both verdicts
-    near = {"fp32": [0.988, 0.987, 0.989, 0.988], "q8_bifurcated": [0.986, 0.985, 0.987, 0.986],
-            "fp32_range_bn": [0.978, 0.977, 0.979, 0.978]}
-    runs = {name: [{"test/acc": a} for a in values] for name, values in near.items()}
-    lines = "\n".join(reproduce.claims_table(runs))
-    assert "`q8_bifurcated` − `fp32` | -0.20 |" in lines and "| 4 and 4 | **yes** |" in lines
-    assert "`fp32_range_bn` − `fp32` | -1.00 |" in lines and "| 4 and 4 | **NO** |" in lines
-    runs["fp32"] = [{"test/acc": a - 0.01} for a in near["fp32"]]  # q8 now 0.8 points above
-    assert "**NO** (`q8_bifurcated` higher)" in "\n".join(reproduce.claims_table(runs))
+    suite = reproduce.SUITES["fashion_mnist"]
+
+    def runs(fp32: list[float], q8: list[float]) -> dict[str, list[dict]]:
+        return {"resnet18/fp32": [{"test/acc": a / 100} for a in fp32],
+                "resnet18/q8_bifurcated": [{"test/acc": a / 100} for a in q8]}
+
+    # both variances 0.5 (points^2), two seeds each: standard error sqrt(0.25 + 0.25) = 0.71,
+    # Welch's degrees of freedom 0.25 / (0.0625 + 0.0625) = 2, t(0.975, 2) = 4.303: d +- 3.04
+    row = reproduce.parity_table(suite, runs([99.0, 98.0], [98.6, 97.6]))[-1]
+    assert "| 98.50 ± 0.71 | 98.10 ± 0.71 | -0.40 | [-3.44, +2.64] | not resolved |" in row
+    # four seeds each, std 0.0816 on both sides: standard error sqrt(2 * 0.00667 / 4) = 0.0577,
+    # 6 degrees of freedom, t(0.975, 6) = 2.447: d +- 0.14, which resolves both verdicts
+    fp32 = [98.8, 98.7, 98.9, 98.8]
+    row = reproduce.parity_table(suite, runs(fp32, [a - 0.2 for a in fp32]))[-1]
+    assert "| -0.20 | [-0.34, -0.06] | **yes** |" in row
+    row = reproduce.parity_table(suite, runs(fp32, [a - 1.0 for a in fp32]))[-1]
+    assert "| -1.00 | [-1.14, -0.86] | **NO** |" in row
+    assert reproduce.verdict((-0.49, 2.0), 0.5) == "**yes**"
+    assert reproduce.verdict((-0.51, 2.0), 0.5) == "not resolved"
+
+
+def test_every_configuration_names_its_family_and_a_preset(load_script) -> None:
+    """Each suite runs fp32 and q8_bifurcated for every family, and the ablations on ResNet-18;
+    every quant preset a configuration names exists."""
+    reproduce = load_script("reproduce")
+    suite = reproduce.SUITES["fashion_mnist"]
+    names = {c.name for c in suite.configs}
+    for family in suite.families:
+        assert {f"{family.name}/fp32", f"{family.name}/q8_bifurcated"} <= names
+    assert {"resnet18/q8_paper", "resnet18/q8_no_bifurcation", "resnet18/all4"} <= names
+    for c in suite.configs:
+        presets = [o.split("=", 1)[1] for o in c.overrides if o.startswith("quant=")]
+        assert len(presets) == 1 and (ROOT / "conf" / "quant" / f"{presets[0]}.yaml").is_file()
 
 
 def test_the_papers_numbers_come_from_its_data_file(tmp_path: Path, load_script) -> None:
@@ -119,7 +126,7 @@ def test_a_diverged_run_is_a_result_not_a_missing_run(tmp_path: Path, load_scrip
     step it diverged at instead of failing the reproduction. Other crashes stay failures."""
     reproduce = load_script("reproduce")
     out = tmp_path / "runs"
-    config = next(c for c in reproduce.CONFIGS if c.name == "all2")
+    config = reproduce.Config("resnet18/all2", "bits", "all in 2 bits", ("quant=q8_bifurcated",))
     logs = {1: "error: non-finite value at step 78, first at model.layer3: g_l\n",
             2: "Traceback (most recent call last):\nRuntimeError: out of memory\n"}
 
@@ -135,12 +142,12 @@ def test_a_diverged_run_is_a_result_not_a_missing_run(tmp_path: Path, load_scrip
     (run0 / "metrics.json").write_text(json.dumps({"test/acc": 0.1, "train/loss": 2.3}))
     finished = [reproduce.finished(reproduce.run_dir(out, config, s)) for s in (0, 1, 2)]
     assert finished == [True, True, False]
-    runs = reproduce.load(out, [config], {"all2": [0, 1, 2]})
-    row = reproduce.table([config], runs, "all2")[-1]
-    assert "| 10.00 (1 of 2 diverged) |" in row and "| 10.0, diverged at step 78 |" in row
+    runs = reproduce.load(out, [config], [0, 1, 2])
+    row = reproduce.table([config], runs, "resnet18/all2")[-1]
+    assert "| 10.00 (1 of 2 diverged) |" in row and "| 10.00, diverged at step 78 |" in row
     # a second pass runs only what has no result yet, one line per run
-    reproduce.run_all(out, [config], {"all2": [0, 1, 2]}, [])
+    reproduce.run_all(out, [config], [0, 1, 2], [])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["[1/3] all2 seed 0: done before (0 s)",
-                         "[2/3] all2 seed 1: done before (0 s)"]
-    assert lines[2].startswith("[3/3] all2 seed 2: FAILED (exit 1")
+    assert lines[:2] == ["[1/3] resnet18/all2 seed 0: done before (0 s)",
+                         "[2/3] resnet18/all2 seed 1: done before (0 s)"]
+    assert lines[2].startswith("[3/3] resnet18/all2 seed 2: FAILED (exit 1")
