@@ -364,7 +364,7 @@ def plot_parity(suite: Suite, runs: dict[str, list[dict]], path: Path) -> bool:
     """q8 - fp32 per family: each seed's q8 run against the fp32 mean (dots), the difference of
     means and its interval (bar), the -target line."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.55 * len(suite.families)))
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.5 * len(suite.families)))
     drawn = []
     for f in suite.families:
         a, b = f"{f.name}/q8_bifurcated", f"{f.name}/fp32"
@@ -385,7 +385,7 @@ def plot_parity(suite: Suite, runs: dict[str, list[dict]], path: Path) -> bool:
     ax.set_yticks([-i for i in range(len(drawn))], drawn)
     ax.set(xlabel=f"q8_bifurcated − fp32, test accuracy points (bar: {CONFIDENCE:.0%} interval; "
                   "dots: seeds)", title=f"8 bits against fp32 ({suite.title})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
