@@ -494,7 +494,7 @@ def report(out: Path, suite: Suite, configs: list[Config], seeds: list[int], com
     ]
     if plot_parity(suite, runs, figures / f"{stem}_parity.png"):
         lines += [f"![q8 - fp32 per family](results/{stem}_parity.png)", ""]
-    sections = {s: [c for c in configs if c.section == s] for s in SECTIONS}
+    sections = {s: [c for c in configs if c.section == s and c.name in runs] for s in SECTIONS}
     for section, members in sections.items():
         if not members:
             continue
@@ -505,6 +505,10 @@ def report(out: Path, suite: Suite, configs: list[Config], seeds: list[int], com
         if section == "bits" and plot_bits(members[0].family, runs,
                                            figures / f"{stem}_bits.png", suite.title):
             lines += [f"![accuracy against bits](results/{stem}_bits.png)", ""]
+    missing = [c.name for c in configs if c.name not in runs]
+    if missing:
+        lines += ["Configurations with no finished run (not in the tables): "
+                  + ", ".join(f"`{m}`" for m in missing) + ".", ""]
     family = suite.families[0].name
     names = [c.name for c in configs if c.family == family and c.section != "bits"]
     if plot_curves(out, seeds, names, figures / f"{stem}_curves.png", suite.title):

@@ -151,3 +151,22 @@ def test_a_diverged_run_is_a_result_not_a_missing_run(tmp_path: Path, load_scrip
     assert lines[:2] == ["[1/3] resnet18/all2 seed 0: done before (0 s)",
                          "[2/3] resnet18/all2 seed 1: done before (0 s)"]
     assert lines[2].startswith("[3/3] resnet18/all2 seed 2: FAILED (exit 1")
+
+
+def test_a_partial_reproduction_reports_what_it_has_and_names_the_rest(tmp_path: Path,
+                                                                        load_script) -> None:
+    """Runs cut short: the tables hold the finished configurations, a line names the others."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "runs"
+    for name, acc in (("fp32", 0.90), ("q8_bifurcated", 0.89), ("q8_paper", 0.88)):
+        run = out / "resnet18" / name / "seed0"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps(
+            {"test/acc": acc, "train/loss": 0.3, "wall_time_s": 60.0, "epochs": 3}))
+    suite = reproduce.SUITES["fashion_mnist"]
+    text = reproduce.report(out, suite, suite.configs, [0], "cmd", None, tmp_path / "R.md")
+    assert "| resnet18 | SGD | 90.00 | 89.00 | -1.00 | n/a | not resolved (one seed) |" in text
+    assert "| `q8_paper` |" in text and "| `q8_no_bifurcation` |" not in text
+    missing = next(line for line in text.splitlines() if line.startswith("Configurations with"))
+    assert "`resnet18/q8_no_bifurcation`" in missing and "`vit_tiny/fp32`" in missing
+    assert "`resnet18/q8_paper`" not in missing
