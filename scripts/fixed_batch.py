@@ -122,6 +122,9 @@ VARIANTS: dict[str, Variant] = {
     "q8_default_per_channel_w": (q8.QuantConfig(per_channel_weights=True), None),
     "q8_default_no_act": (q8.QuantConfig(act_bits=None), None),
     "q8_default_fp32_grads": (q8.QuantConfig(grad_bits=None, wgrad_bits=None), None),
+    "q8_default_float_act_saves": (q8.QuantConfig(), float_activations),
+    "q8_default_skip_se": (q8.QuantConfig(skip=["*.se.*"]), None),
+    "q8_default_skip_dw": (q8.QuantConfig(skip=["*conv_dw"]), None),
 }
 
 
