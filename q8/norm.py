@@ -1,5 +1,7 @@
-"""Range Batch-Normalization and quantized BatchNorm (Banner et al. 2018, sec. 4); quantized
-and range-based LayerNorm and GroupNorm.
+"""BatchNorm twins: the default computes in full precision and keeps 8-bit codes of its
+normalised input (FloatBNFn, docs/MOBILE_NETS.md); the paper's Range Batch-Normalization and
+quantized BatchNorm on an 8-bit input (Banner et al. 2018, sec. 4). Quantized and range-based
+LayerNorm and GroupNorm.
 
 Range BN replaces the standard deviation by a scaled range, which needs no sum of squares:
 
