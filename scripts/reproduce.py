@@ -360,11 +360,13 @@ def _pyplot():  # noqa: ANN202
     return plt
 
 
-def plot_parity(suite: Suite, runs: dict[str, list[dict]], path: Path) -> bool:
+def plot_parity(suite: Suite, runs: dict[str, list[dict]], path: Path,
+                limits: tuple[float, float] = (-10.0, 5.0)) -> bool:
     """q8 - fp32 per family: each seed's q8 run against the fp32 mean (dots), the difference of
-    means and its interval (bar), the -target line."""
+    means and its interval (bar, written out on the right; cut at `limits`), the -target
+    line."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.5 * len(suite.families)))
+    fig, ax = plt.subplots(figsize=(8, 1.8 + 0.5 * len(suite.families)))
     drawn = []
     for f in suite.families:
         a, b = f"{f.name}/q8_bifurcated", f"{f.name}/fp32"
@@ -375,17 +377,23 @@ def plot_parity(suite: Suite, runs: dict[str, list[dict]], path: Path) -> bool:
         fp = statistics.mean(acc(runs[b]))
         ax.plot([v - fp for v in acc(runs[a])], [y] * len(acc(runs[a])), ".", color="0.6")
         lo, hi = interval if interval else (d, d)
-        ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color="C0", capsize=4)
+        ax.errorbar([d], [y], xerr=[[d - max(lo, limits[0])], [min(hi, limits[1]) - d]],
+                    fmt="o", color="C0", capsize=4)
+        ax.annotate(f"{d:+.2f} {span(interval)}", (1.01, y), xycoords=("axes fraction", "data"),
+                    va="center", fontsize=8)
         drawn.append(f.name)
     if not drawn:
         plt.close(fig)
         return False
     ax.axvline(0, color="k", lw=1)
     ax.axvline(-suite.target, color="C3", ls="--", lw=1, label=f"−{suite.target} points")
+    ax.set_xlim(*limits)
+    ax.set_ylim(-len(drawn) + 0.5, 0.5)
     ax.set_yticks([-i for i in range(len(drawn))], drawn)
-    ax.set(xlabel=f"q8_bifurcated − fp32, test accuracy points (bar: {CONFIDENCE:.0%} interval; "
-                  "dots: seeds)", title=f"8 bits against fp32 ({suite.title})")
-    ax.legend(fontsize=8)
+    ax.set(xlabel=f"q8 − fp32, test accuracy points (bar: {CONFIDENCE:.0%} interval, cut at "
+                  f"{limits[0]:g} and {limits[1]:+g}; dots: seeds)",
+           title=f"8 bits against fp32 ({suite.title})")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
