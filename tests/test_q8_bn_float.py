@@ -127,3 +127,25 @@ def test_every_bn_of_a_mobile_net_becomes_a_float_bn_twin() -> None:
     maps = [t for t in saved if t.dim() == 4 and t.shape[0] == 8 and t.shape[-1] > 1]  # not pooled
     assert maps and all(t.dtype in (torch.uint8, torch.bool) for t in maps), \
         sorted({(t.dtype, tuple(t.shape)) for t in maps if t.dtype.is_floating_point})
+
+
+def test_it_compiles_as_one_graph_with_eager_s_bits() -> None:
+    """torch.compile(fullgraph=True) traces the default BN twin; under aot_eager the loss and
+    every gradient are eager's, bit for bit (the same ops in the same order)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                          nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 10))
+    quantize_model(model, QuantConfig(backend="reference"))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    losses = []
+    for m in (compiled, eager):
+        torch.manual_seed(1)  # the same stochastic rounding of g_l
+        loss = m(x).square().mean()
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(*losses)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters()))
