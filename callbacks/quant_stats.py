@@ -69,8 +69,7 @@ def _probe_for(name: str, module: nn.Module) -> _Probe | None:
         return _Probe(name, module, s.act_bits, s.weight_bits, s.per_channel, s.grad.bits,
                       s.grad.wbits, s.grad.rounding, has_weight_grad=True,
                       quantized_gemm=True)
-    if isinstance(module, QuantNormMixin) and module.q8_norm == "batchnorm" and (
-            module.q8_config.bn_compute == "float"):
+    if isinstance(module, QuantNormMixin) and module.q8_float_bn:
         return None  # BN in full precision: its input and g_l are not quantized
     if isinstance(module, QuantNormMixin):
         # timm's BatchNormAct2d applies its activation inside forward: the output hook would

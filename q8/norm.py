@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from q8.config import QuantConfig
 from q8.functional import GradSpec, fake_quantize
 from q8.kernels import Kernels
+from q8.kernels.reference import code_dtype, minmax
 from q8.layers import _TWINS, ActRangeMixin, float32_under_autocast
 
 
@@ -231,9 +232,9 @@ class QuantBNFn(torch.autograd.Function):
 def channel_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
     """x (B, C, H, W) as unsigned `bits`-bit codes with one [lo, hi] per channel (nearest
     rounding): x ~ codes * scale + lo, |error| <= scale / 2."""
-    lo = x.amin((0, 2, 3), keepdim=True)
-    scale = (x.amax((0, 2, 3), keepdim=True) - lo).clamp_min(1e-12) / (2**bits - 1)
-    codes = torch.round((x - lo) / scale).to(torch.uint8 if bits <= 8 else torch.int32)
+    lo, hi = minmax(x, dim=1)
+    scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
+    codes = torch.round((x - lo) / scale).to(code_dtype(bits))
     return codes, scale, lo
 
 
@@ -287,6 +288,12 @@ class QuantNormMixin(ActRangeMixin):
         self.q8_grad = GradSpec(config.grad_bits, config.grad_bits, config.grad_rounding)
         self.q8_range = RangeSpec(config.range_bn_chunks, config.range_bn_scale, self.eps)
 
+    @property
+    def q8_float_bn(self) -> bool:
+        """Standard BN computing in full precision, 8-bit codes saved (bn_compute="float");
+        a Range BN twin always computes on the 8-bit input."""
+        return self.q8_norm == "batchnorm" and self.q8_config.bn_compute == "float"
+
     def _q8_momentum(self) -> float:
         if self.momentum is not None:
             return self.momentum
@@ -307,7 +314,7 @@ class QuantNormMixin(ActRangeMixin):
         rm = self.running_mean if self.training else None
         rv = self.running_var if self.training else None
         m = self._q8_momentum() if self.training and self.track_running_stats else 0.0
-        if self.q8_norm == "batchnorm" and cfg.bn_compute == "float":
+        if self.q8_float_bn:
             if not use_batch_stats:
                 return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
                                                  bias, False, 0.0, self.eps)

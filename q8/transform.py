@@ -77,8 +77,6 @@ def _twin_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     if cfg.act_bits is not None and activation_kind(module) is not None:  # GELU, SiLU...
         return QuantActivationMixin
     quantized = cfg.act_bits is not None or cfg.grad_bits is not None or cfg.bn_param_bits
-    if isinstance(module, nn.SyncBatchNorm) and cfg.float_bn:
-        return None  # torch's synchronised BN computes in full precision already
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
         if cfg.bn == "range":
             return RangeNormMixin
