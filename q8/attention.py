@@ -288,7 +288,7 @@ class ProductMixin:
         grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
         self.q8_product = ProductSpec(config.act_bits, grad)
         self.q8_kernels = kernels
-        self.q8_gates = _is_gate(self)
+        self.q8_gates = is_gate(self)
 
     def forward(self, *args, **kwargs) -> object:
         with _QuantProducts(self):
@@ -396,17 +396,17 @@ def _own_forward(module: nn.Module) -> object:
 
 def multiplies_activations(module: nn.Module) -> bool:
     """Whether `module`'s own forward calls SDPA, matmul or bmm, or uses `@`, or is a gate
-    (_is_gate): it may multiply two activations (decided per call, in _QuantProducts)."""
+    (is_gate): it may multiply two activations (decided per call, in _QuantProducts)."""
     code = getattr(_own_forward(module), "__code__", None)
     if code is None:
         return False
     if _PRODUCT_NAMES & set(code.co_names):
         return True
     return any(ins.opname == "BINARY_OP" and ins.argrepr in _MATMUL_OPS
-               for ins in dis.get_instructions(code)) or _is_gate(module)
+               for ins in dis.get_instructions(code)) or is_gate(module)
 
 
-def _is_gate(module: nn.Module) -> bool:
+def is_gate(module: nn.Module) -> bool:
     """A gating module: a child named `gate` (timm's squeeze-excitation, ECA and CBAM
     modules) and a `*` in its own forward, x * gate(...)."""
     code = getattr(_own_forward(module), "__code__", None)

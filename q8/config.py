@@ -11,6 +11,7 @@ from q8.kernels import BACKENDS
 ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
 BN_COMPUTES = ("float", "8bit")
+GATE_MODES = ("float", "8bit")
 NORM_TYPES = ("standard", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
 MIN_BITS, MAX_BITS = 2, 16
@@ -44,11 +45,12 @@ class QuantConfig:
     rounding; BatchNorm computes in full precision on the conv's output and keeps its
     normalised input as 8-bit codes for backward (`bn_compute="float"`, docs/MOBILE_NETS.md:
     depthwise and mobile nets do not train with an 8-bit grid ahead of BN's per-channel
-    division). The paper's exact setting, Range BN on an 8-bit input with an 8-bit output
-    gradient, is `bn="range"` (conf/quant/q8_paper.yaml). LayerNorm and
-    GroupNorm (`norm`) stay standard by default, quantized in and out (`bn_param_bits` covers
-    their gamma/beta too); `norm="range"` normalises them by the scaled range of each token /
-    group instead.
+    division); the branch of a squeeze-excitation gate stays in full precision
+    (`gates="float"`: EfficientNet and MobileNetV3 lose accuracy with 8-bit gates). The
+    paper's exact setting, Range BN on an 8-bit input with an 8-bit output gradient and every
+    layer in 8 bits, is conf/quant/q8_paper.yaml. LayerNorm and GroupNorm (`norm`) stay
+    standard by default, quantized in and out (`bn_param_bits` covers their gamma/beta too);
+    `norm="range"` normalises them by the scaled range of each token / group instead.
     """
 
     weight_bits: int | None = 8  # W of every conv/linear, nearest rounding
@@ -62,6 +64,11 @@ class QuantConfig:
     # Range BN always computes on the 8-bit input and g_l (it is the paper's BN for that).
     bn_compute: str = "float"
     norm: str = "standard"  # LayerNorm/GroupNorm: "standard" (quantized in/out) or "range"
+    # squeeze-excitation gates, x * gate(f(pool(x))) (q8.attention.is_gate): "float" keeps the
+    # branch f on the pooled features (convs, activations) in full precision, about 0.6% of
+    # EfficientNet-B0's GEMM FLOPs; "8bit" quantizes it like every other layer. Either way the
+    # product keeps x as 8-bit codes for backward.
+    gates: str = "float"
     per_channel_weights: bool = False  # one range per output channel instead of per tensor
     act_momentum: float = 0.1  # EMA momentum of the activations' running range (used in eval)
     bn_param_bits: int | None = None  # quantize BN gamma/beta too (None: fp32, as the paper)
@@ -78,6 +85,7 @@ class QuantConfig:
         _check_choice("bn", self.bn, BN_TYPES)
         _check_choice("bn_compute", self.bn_compute, BN_COMPUTES)
         _check_choice("norm", self.norm, NORM_TYPES)
+        _check_choice("gates", self.gates, GATE_MODES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("gemm", self.gemm, GEMM_MODES)
@@ -145,7 +153,8 @@ class QuantConfig:
 
     def short_str(self) -> str:
         """A compact label, e.g. 'w8a8g8/16-sr-batchnorm32' or 'w8a8g8/16-sr-rangebn' (the BN,
-        with 32 when it computes in full precision; '-rangenorm' added for norm="range")."""
+        with 32 when it computes in full precision; '-rangenorm' added for norm="range",
+        '-gates8' for gates="8bit")."""
         def b(v: int | None) -> str:
             return "32" if v is None else str(v)
 
@@ -153,4 +162,5 @@ class QuantConfig:
         r = "sr" if self.grad_rounding == "stochastic" else "rn"
         norm = "-rangenorm" if self.norm == "range" else ""
         bn = "batchnorm32" if self.float_bn else f"{self.bn}bn"
-        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}"
+        gates = "-gates8" if self.gates == "8bit" else ""
+        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}{gates}"

@@ -17,6 +17,7 @@ from q8.attention import (
     MultiheadAttentionMixin,
     ProductMixin,
     ProductWeightReaderMixin,
+    is_gate,
     multiplies_activations,
     supports_mha,
 )
@@ -131,10 +132,14 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
       or range-normalised with `norm="range"` (q8.norm);
     - ReLU and MaxPool2d keep 1-bit / 8-bit state for backward; GELU, SiLU, Hardswish, Sigmoid,
       Tanh... keep their input as 8-bit codes (q8.layers);
-    - a module whose own forward multiplies activations (attention: SDPA, matmul, `@`) or gates
-      (squeeze-excitation) becomes a Q8 twin running those products in 8 bits (q8.attention);
-      one that hands a twin's weight to F.linear / F.conv2d (timm's BEiT, EVA and SwinV2
-      attention with its qkv) sends that call to the twin's 8-bit GEMM.
+    - a module whose own forward multiplies activations (attention: SDPA, matmul, `@`) becomes
+      a Q8 twin running those products in 8 bits (q8.attention); one that hands a twin's weight
+      to F.linear / F.conv2d (timm's BEiT, EVA and SwinV2 attention with its qkv) sends that call
+      to the twin's 8-bit GEMM.
+    A squeeze-excitation gate (x * gate(f(pool(x))), q8.attention.is_gate) becomes a gate twin
+    whose product keeps x as 8-bit codes; with `gates="float"`, the default, the branch f that
+    computes the gate from pooled features (its convolutions and activations) stays in full
+    precision, with "8bit" it is quantized like any other layer.
     Modules whose name matches a `config.skip` pattern, and everything inside them, stay as they
     are. The report is `model.q8_report` and is logged.
 
@@ -151,10 +156,11 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     report = QuantReport(config)
     if not config.is_full_precision:
         kernels = Kernels(config.backend)
-        _convert(model, "", config, kernels, report)
+        whole: set[str] = set()  # modules left as they are, everything inside them too
+        _convert(model, "", config, kernels, report, whole)
         for name, module in model.named_modules():
             mixin = _functional_mixin(module, config)
-            if mixin is not None and not _skipped(name, config):
+            if mixin is not None and not _inside(name, whole):
                 old = type(module).__name__
                 module.__class__ = twin_class(mixin, type(module))
                 module._q8_setup(config, kernels)
@@ -187,17 +193,31 @@ def _functional_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
     return ProductMixin if products else WeightReaderMixin if reads else None
 
 
-def _skipped(name: str, cfg: QuantConfig) -> bool:
-    """Whether `name` or a module above it matches a `cfg.skip` pattern."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), p)
-               for i in range(1, len(parts) + 1) for p in cfg.skip) if name else False
+def _inside(name: str, whole: set[str]) -> bool:
+    """Whether `name` is one of the modules in `whole` or inside one ("" is the model)."""
+    return any(w == "" or name == w or name.startswith(w + ".") for w in whole)
+
+
+GATE_BRANCH = "squeeze-excitation branch, in full precision (gates='float')"
+
+
+def _keep_whole(name: str, module: nn.Module, why: str, report: QuantReport,
+                whole: set[str]) -> None:
+    report.kept.append((name, type(module).__name__, why))
+    whole.add(name)
 
 
 def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
-             report: QuantReport) -> None:
+             report: QuantReport, whole: set[str]) -> None:
     if name and any(fnmatch.fnmatchcase(name, p) for p in cfg.skip):
-        report.kept.append((name, type(module).__name__, "skipped by config.skip"))
+        _keep_whole(name, module, "skipped by config.skip", report, whole)
+        return
+    if cfg.gates == "float" and is_gate(module):
+        # the branch that computes the gate from pooled features stays as it is; x * gate
+        # becomes a gate twin below (quantize_model), which keeps x as 8-bit codes
+        for child_name, child in module.named_children():
+            _keep_whole(f"{name}.{child_name}" if name else child_name, child, GATE_BRANCH,
+                        report, whole)
         return
     if isinstance(module, nn.MultiheadAttention) and not supports_mha(module):
         report.kept.append((name, "MultiheadAttention", "add_bias_kv or add_zero_attn: no twin"))
@@ -213,7 +233,8 @@ def _convert(module: nn.Module, name: str, cfg: QuantConfig, kernels: Kernels,
     elif _has_own_params(module):
         report.kept.append((name, old, "no quantized twin in q8"))
     for child_name, child in module.named_children():
-        _convert(child, f"{name}.{child_name}" if name else child_name, cfg, kernels, report)
+        _convert(child, f"{name}.{child_name}" if name else child_name, cfg, kernels, report,
+                 whole)
 
 
 # ---- back to float ------------------------------------------------------------------------

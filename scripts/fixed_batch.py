@@ -87,7 +87,7 @@ Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
 
 def paper(**change: object) -> q8.QuantConfig:
     """The paper's setting (conf/quant/q8_paper.yaml) with `change` applied."""
-    return q8.QuantConfig(**{"bn": "range", "bn_compute": "8bit", **change})
+    return q8.QuantConfig(**{"bn": "range", "bn_compute": "8bit", "gates": "8bit", **change})
 
 
 # Each study variant changes one thing against the paper's setting (q8_paper).
@@ -123,7 +123,7 @@ VARIANTS: dict[str, Variant] = {
     "q8_default_no_act": (q8.QuantConfig(act_bits=None), None),
     "q8_default_fp32_grads": (q8.QuantConfig(grad_bits=None, wgrad_bits=None), None),
     "q8_default_float_act_saves": (q8.QuantConfig(), float_activations),
-    "q8_default_skip_se": (q8.QuantConfig(skip=["*.se.*"]), None),
+    "q8_default_gates8": (q8.QuantConfig(gates="8bit"), None),
     "q8_default_skip_dw": (q8.QuantConfig(skip=["*conv_dw"]), None),
 }
 

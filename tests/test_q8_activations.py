@@ -223,12 +223,13 @@ def test_quantize_model_swaps_each_activation_and_dequantize_model_gives_it_back
                                   "vit_tiny_patch16_224"])
 def test_timm_models_have_every_activation_swapped(name):
     """EfficientNet's SiLU and SE gate (Sigmoid), MobileNetV3's Hardswish and hard-sigmoid
-    gate, ViT's GELU: each is a twin, and a step is finite."""
+    gate (gates in 8 bits), ViT's GELU: each is a twin, and a step is finite."""
     import timm
 
     torch.manual_seed(0)
     kwargs = {"img_size": 32, "patch_size": 8} if name.startswith("vit") else {}
-    model = quantize_model(timm.create_model(name, num_classes=10, **kwargs), QuantConfig())
+    model = quantize_model(timm.create_model(name, num_classes=10, **kwargs),
+                           QuantConfig(gates="8bit"))
     kinds = [activation_kind(m) for m in model.modules()]
     twins = [isinstance(m, QuantActivationMixin) for m in model.modules()]
     assert any(twins) and twins == [k is not None for k in kinds]

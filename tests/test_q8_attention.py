@@ -285,6 +285,23 @@ def test_a_squeeze_excitation_module_becomes_a_gate_twin():
     assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
 
 
+@pytest.mark.parametrize("gates", ["float", "8bit"])
+def test_the_branch_of_a_gate_is_full_precision_unless_gates_is_8bit(gates):
+    """gates="float" (the default): the branch computing the gate from pooled features (fc,
+    sigmoid) keeps its classes and the report says why; "8bit": it is quantized too."""
+    model = q8.quantize_model(nn.Sequential(nn.Conv2d(3, 8, 1), SE()), q8.QuantConfig(gates=gates))
+    assert isinstance(model[0], q8.layers.QuantLayerMixin) and model[1].q8_gates
+    why = "squeeze-excitation branch, in full precision (gates='float')"
+    if gates == "float":
+        assert (type(model[1].fc), type(model[1].gate)) == (nn.Conv2d, nn.Sigmoid)
+        assert model.q8_report.kept == [("1.fc", "Conv2d", why), ("1.gate", "Sigmoid", why)]
+        assert f"1 x Conv2d: {why}" in model.q8_report.summary()
+    else:
+        assert isinstance(model[1].fc, q8.layers.QuantLayerMixin)
+        assert isinstance(model[1].gate, q8.layers.QuantActivationMixin)
+        assert not model.q8_report.kept
+
+
 # nothing quantized; norm="range" keeps quantize_model from skipping the model as full precision
 # (there is no LayerNorm here for it to change)
 NO_BITS = q8.QuantConfig(weight_bits=None, act_bits=None, grad_bits=None, wgrad_bits=None,
