@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "*backward*: the share of that pass's GEMM\nFLOPs (convolutions, matrix products, "
         "attention) whose operands were on q8's grid.\nThe last columns: the classes of the "
         "GEMMs that ran in full precision, with their share of\nall the step's FLOPs, and the "
-        "modules with parameters that `quantize_model` left alone (in these models, holders of\n"
-        "elementwise parameters: layer scales, class tokens, position embeddings, which enter no\n"
-        "GEMM).\n\n"
+        "modules with parameters that `quantize_model` left alone: the branch of each\n"
+        "squeeze-excitation gate (convolutions on pooled features, in full precision by the\n"
+        "default `gates=\"float\"`, docs/MOBILE_NETS.md), and holders of elementwise parameters\n"
+        "(layer scales, class tokens, position embeddings, which enter no GEMM).\n\n"
         f"torch {torch.__version__}, timm {timm.__version__}.\n\n{table(rows)}\n")
     Path(args.out).write_text(text)
     if args.readme:

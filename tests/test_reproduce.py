@@ -170,3 +170,23 @@ def test_a_partial_reproduction_reports_what_it_has_and_names_the_rest(tmp_path:
     missing = next(line for line in text.splitlines() if line.startswith("Configurations with"))
     assert "`resnet18/q8_no_bifurcation`" in missing and "`vit_tiny/fp32`" in missing
     assert "`resnet18/q8_paper`" not in missing
+
+
+def test_a_section_on_two_families_has_a_table_for_each(tmp_path: Path, load_script) -> None:
+    """The gates section runs on EfficientNet-B0 and MobileNetV3: each family's 8-bit-gate
+    runs sit in their own table, against that family's q8_bifurcated."""
+    reproduce = load_script("reproduce")
+    out = tmp_path / "runs"
+    accs = {"efficientnet_b0": (0.80, 0.79), "mobilenetv3_small_100": (0.70, 0.66)}
+    for family, (default, gates8) in accs.items():
+        for name, acc in (("q8_bifurcated", default), ("gates8", gates8)):
+            run = out / family / name / "seed0"
+            run.mkdir(parents=True)
+            (run / "metrics.json").write_text(json.dumps({"test/acc": acc, "epochs": 3}))
+    suite = reproduce.SUITES["fashion_mnist"]
+    text = reproduce.report(out, suite, suite.configs, [0], "cmd", None, tmp_path / "R.md")
+    for family, delta in (("efficientnet_b0", "-1.00"), ("mobilenetv3_small_100", "-4.00")):
+        section = text.split(f"8 bits ({family})", 1)[1].split("##", 1)[0]
+        assert f"Δ vs `{family}/q8_bifurcated`" in section
+        gates8 = next(line for line in section.splitlines() if line.startswith("| `gates8`"))
+        assert f"| {delta} |" in gates8
