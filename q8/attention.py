@@ -21,7 +21,7 @@ is a sum of dS over the batch, so it takes dS's `wgrad_bits` copy, dS_w.
 
 A gate (squeeze-excitation: x * sigmoid(...), the gate broadcast over x) multiplies in fp32
 and keeps x as 8-bit codes for d(gate) = sum of g * x_hat (QuantGateFn): no GEMM, so g stays
-as it is.
+as it is. The branch computing the gate is quantize_model's to convert or not (QuantConfig.gates).
 
 Why per row: P and dS scale with each query's attention, most of a row near 0 and a few
 entries large. One range per tensor leaves most entries a fraction of a step (SQNR of P about
