@@ -2,9 +2,10 @@
 parts of the method matter.
 
     python scripts/reproduce.py --jobs 2            # Fashion-MNIST: 5 families x (fp32,
-                                                    # q8_bifurcated), 7 ResNet-18 ablations and
-                                                    # 8-bit gates on the 2 mobile nets, 3 seeds
-                                                    # each (57 runs)
+                                                    # q8_bifurcated), 7 ResNet-18 ablations,
+                                                    # 8-bit gates on the 2 mobile nets and
+                                                    # EfficientNet-B0 with one quantizer in
+                                                    # fp32, 3 seeds each (66 runs)
     python scripts/reproduce.py --suite digits      # the same claim on scikit-learn's digits
     python scripts/reproduce.py --fast              # digits, fp32 vs q8_bifurcated, 1 seed (CI)
     python scripts/reproduce.py --only parity --seeds 0 1

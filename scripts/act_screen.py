@@ -1,0 +1,94 @@
+"""Which activation quantizer costs EfficientNet-B0 its accuracy? train.py with one changed.
+
+    python scripts/act_screen.py dw_fp32 model=timm model.name=efficientnet_b0 \
+        optimizer.lr=0.03 quant=q8_bifurcated experiment=fashion_parity seed=0
+
+`act_bits` quantizes several tensors at once: the inputs of the convolutions (forward), and
+what the activation twins and BatchNorm keep for backward. Putting all of them back in fp32
+(`quant.act_bits=null`) recovers fp32's accuracy on EfficientNet-B0 (docs/MOBILE_NETS.md); each
+mode here changes one of them, for one run, by patching q8's twins before train.py builds the
+model. They are probes for a study, not options of QuantConfig:
+
+- dw_fp32: depthwise convolutions take their input in fp32;
+- dw_16bit: ... in 16 bits;
+- dw_per_channel: ... in 8 bits with one range per channel;
+- dense_fp32: every other convolution and linear layer takes its input in fp32;
+- act_saves_fp32: SiLU, Sigmoid, ... compute their backward on x, not on 8-bit x_hat;
+- bn_saves_fp32: BatchNorm computes its backward on the exact x_tilde, not on 8-bit codes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import runpy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+import q8
+import q8.norm
+from q8.layers import QuantActivationMixin, QuantLayerMixin
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPTHWISE = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")
+MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32")
+
+
+def _depthwise(spec: q8.functional.LayerSpec, x: torch.Tensor) -> bool:
+    return spec.groups > 1 and spec.groups == x.shape[1]
+
+
+@contextlib.contextmanager
+def probe(mode: str) -> Iterator[None]:
+    """q8's twins with `mode`'s change, inside the block."""
+    if mode not in MODES:
+        raise SystemExit(f"unknown mode {mode!r}: valid are {', '.join(MODES)}")
+    with contextlib.ExitStack() as stack:
+        if mode in DEPTHWISE:
+            apply = QuantLayerMixin._q8_apply
+
+            def changed(self, x, weight, bias, spec):  # noqa: ANN001, ANN202
+                dw = _depthwise(spec, x)
+                if mode == ("dw_fp32" if dw else "dense_fp32"):
+                    spec = dataclasses.replace(spec, act_bits=None)
+                elif mode == "dw_16bit" and dw:
+                    spec = dataclasses.replace(spec, act_bits=16)
+                elif mode == "dw_per_channel" and dw:
+                    x = q8.fake_quantize(x, 8, dim=1)
+                    spec = dataclasses.replace(spec, act_bits=None)
+                return apply(self, x, weight, bias, spec)
+
+            stack.enter_context(mock.patch.object(QuantLayerMixin, "_q8_apply", changed))
+        elif mode == "act_saves_fp32":
+            setup = QuantActivationMixin._q8_setup
+
+            def float_saves(self, config, kernels):  # noqa: ANN001, ANN202
+                setup(self, config, kernels)
+                self.q8_bits = None
+
+            stack.enter_context(mock.patch.object(QuantActivationMixin, "_q8_setup",
+                                                  float_saves))
+        else:  # bn_saves_fp32: "codes" that restore x_tilde exactly (codes * 1 + 0)
+            stack.enter_context(mock.patch.object(
+                q8.norm, "channel_codes", lambda x, bits: (x, torch.ones(()), torch.zeros(()))))
+        yield
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    sys.argv = ["train.py", *argv[1:]]
+    with probe(argv[0]):
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
