@@ -14,7 +14,9 @@ model. They are probes for a study, not options of QuantConfig:
 - dw_per_channel: ... in 8 bits with one range per channel;
 - dense_fp32: every other convolution and linear layer takes its input in fp32;
 - act_saves_fp32: SiLU, Sigmoid, ... compute their backward on x, not on 8-bit x_hat;
-- bn_saves_fp32: BatchNorm computes its backward on the exact x_tilde, not on 8-bit codes.
+- bn_saves_fp32: BatchNorm computes its backward on the exact x_tilde, not on 8-bit codes;
+- saves_bf16: both keep bf16 (two bytes, 8 significant bits at every magnitude) instead of
+  8-bit codes on one fixed grid.
 """
 
 from __future__ import annotations
@@ -32,11 +34,27 @@ import torch
 
 import q8
 import q8.norm
+from q8.functional import ACTIVATIONS
 from q8.layers import QuantActivationMixin, QuantLayerMixin
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPTHWISE = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")
-MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32")
+MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32", "saves_bf16")
+
+
+class _Bf16SavesFn(torch.autograd.Function):
+    """y = f(x); backward g f'(x) with x kept in bf16."""
+
+    @staticmethod
+    def forward(ctx, x, kind: str):  # noqa: ANN001, ANN205
+        ctx.kind = kind
+        ctx.save_for_backward(x.detach().to(torch.bfloat16))
+        return ACTIVATIONS[kind][0](x, False)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return ACTIVATIONS[ctx.kind][1](g, x.float()), None
 
 
 def _depthwise(spec: q8.functional.LayerSpec, x: torch.Tensor) -> bool:
@@ -64,7 +82,7 @@ def probe(mode: str) -> Iterator[None]:
                 return apply(self, x, weight, bias, spec)
 
             stack.enter_context(mock.patch.object(QuantLayerMixin, "_q8_apply", changed))
-        elif mode == "act_saves_fp32":
+        if mode == "act_saves_fp32":
             setup = QuantActivationMixin._q8_setup
 
             def float_saves(self, config, kernels):  # noqa: ANN001, ANN202
@@ -73,9 +91,18 @@ def probe(mode: str) -> Iterator[None]:
 
             stack.enter_context(mock.patch.object(QuantActivationMixin, "_q8_setup",
                                                   float_saves))
-        else:  # bn_saves_fp32: "codes" that restore x_tilde exactly (codes * 1 + 0)
+        if mode in ("bn_saves_fp32", "saves_bf16"):  # "codes" that restore as codes * 1 + 0
+            dtype = torch.float32 if mode == "bn_saves_fp32" else torch.bfloat16
             stack.enter_context(mock.patch.object(
-                q8.norm, "channel_codes", lambda x, bits: (x, torch.ones(()), torch.zeros(()))))
+                q8.norm, "channel_codes",
+                lambda x, bits: (x.to(dtype), torch.ones(()), torch.zeros(()))))
+        if mode == "saves_bf16":
+            def bf16_saves(self, x):  # noqa: ANN001, ANN202
+                if not (torch.is_grad_enabled() and x.requires_grad):
+                    return super(QuantActivationMixin, self).forward(x)
+                return _Bf16SavesFn.apply(x, self.q8_kind)
+
+            stack.enter_context(mock.patch.object(QuantActivationMixin, "forward", bf16_saves))
         yield
 
 
