@@ -7,7 +7,9 @@ Each run: a timm model at 32x32 (10 classes), one fixed batch of 48 random image
 (the same for every run), SGD with momentum 0.9 and lr 0.01 for 20 steps; the loss after the last
 step. fp32 reaches a small loss; a variant that stays near ln(10) = 2.3 or above does not train,
 and a NaN run is named where it first went non-finite (q8.check_finite). The variants isolate
-one quantizer each (see VARIANTS).
+one quantizer each (see VARIANTS). One thread by default (--threads): a run's loss changes with
+the order of floating-point sums, so only the same thread count (and CPU) gives the same
+numbers, and the seeds' spread is the noise to judge a difference by.
 """
 
 from __future__ import annotations
@@ -157,7 +159,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="", help="also write the Markdown table here")
+    # 20 steps of 8-bit rounding amplify the order of a sum's terms: one run's loss depends on
+    # the thread count (EfficientNet-B0, q8_default_gates8, seed 0: 0.059 on one thread, 0.191
+    # on two), so runs pin it.
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {', '.join(unknown)}: valid are {', '.join(VARIANTS)}")
