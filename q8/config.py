@@ -46,7 +46,7 @@ class QuantConfig:
     normalised input as 8-bit codes for backward (`bn_compute="float"`, docs/MOBILE_NETS.md:
     depthwise and mobile nets do not train with an 8-bit grid ahead of BN's per-channel
     division); the branch of a squeeze-excitation gate stays in full precision
-    (`gates="float"`: EfficientNet and MobileNetV3 lose accuracy with 8-bit gates). The
+    (`gates="float"`: MobileNetV3 trains closer to fp32 with it, docs/MOBILE_NETS.md). The
     paper's exact setting, Range BN on an 8-bit input with an 8-bit output gradient and every
     layer in 8 bits, is conf/quant/q8_paper.yaml. LayerNorm and GroupNorm (`norm`) stay
     standard by default, quantized in and out (`bn_param_bits` covers their gamma/beta too);
