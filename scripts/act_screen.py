@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import os
 import runpy
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,7 @@ from q8.functional import ACTIVATIONS
 from q8.layers import QuantActivationMixin, QuantLayerMixin
 
 ROOT = Path(__file__).resolve().parents[1]
+CHILD = "Q8_ACT_SCREEN"  # set in the process that runs train.py: the probe it runs
 DEPTHWISE = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")
 MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32", "saves_bf16")
 
@@ -106,16 +108,21 @@ def probe(mode: str) -> Iterator[None]:
         yield
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return
-    os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
+        return 0
+    if os.environ.get(CHILD) != argv[0]:
+        # train.py imports the application's packages (callbacks/) from the repository root:
+        # run again with the root on PYTHONPATH, and from it
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, CHILD: argv[0]}
+        return subprocess.run([sys.executable, __file__, *argv], cwd=ROOT, env=env).returncode
     sys.argv = ["train.py", *argv[1:]]
     with probe(argv[0]):
         runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

@@ -279,12 +279,17 @@ def test_every_gemm_of_n_d_and_transposed_convs_counts_as_quantized():
 
 
 def test_ecaresnet26t_is_fully_converted_and_trains_a_step():
-    """timm's ECA attention is a Conv1d over channels (padding (k - 1) // 2): it is quantized
-    too, and nothing with parameters is left in full precision."""
+    """timm's ECA attention is a gate whose branch is a Conv1d over channels (padding
+    (k - 1) // 2): with gates="8bit" it is quantized too, and nothing with parameters is left
+    in full precision; the default keeps that branch in fp32."""
     timm = pytest.importorskip("timm")
+    default = quantize_model(timm.create_model("ecaresnet26t", num_classes=10), QuantConfig())
+    kept = [k for k in default.q8_report.kept if k[1] == "Conv1d"]
+    assert kept and all(k[2].startswith("squeeze-excitation branch") for k in kept)
     torch.manual_seed(0)
-    model = quantize_model(timm.create_model("ecaresnet26t", num_classes=10), QuantConfig())
-    assert not [k for k in model.q8_report.kept if k[1] == "Conv1d"]
+    model = quantize_model(timm.create_model("ecaresnet26t", num_classes=10),
+                           QuantConfig(gates="8bit"))
+    assert not model.q8_report.kept
     assert sum(type(m).__name__ == "QuantConv1d" for m in model.modules()) > 0
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
     loss = F.cross_entropy(model(x), y)
