@@ -16,7 +16,12 @@ model. They are probes for a study, not options of QuantConfig:
 - act_saves_fp32: SiLU, Sigmoid, ... compute their backward on x, not on 8-bit x_hat;
 - bn_saves_fp32: BatchNorm computes its backward on the exact x_tilde, not on 8-bit codes;
 - saves_bf16: both keep bf16 (two bytes, 8 significant bits at every magnitude) instead of
-  8-bit codes on one fixed grid.
+  8-bit codes on one fixed grid; saves_fp32: both keep fp32.
+
+    python scripts/act_screen.py --gradients
+
+trains nothing: it prints how far each probe's gradient (one EfficientNet-B0 step, g_l in fp32
+so that only the saves differ) lies from the gradient with both saves in fp32.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from q8.layers import QuantActivationMixin, QuantLayerMixin
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = "Q8_ACT_SCREEN"  # set in the process that runs train.py: the probe it runs
 DEPTHWISE = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")
-MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32", "saves_bf16")
+MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32", "saves_bf16", "saves_fp32")
 
 
 class _Bf16SavesFn(torch.autograd.Function):
@@ -84,7 +89,7 @@ def probe(mode: str) -> Iterator[None]:
                 return apply(self, x, weight, bias, spec)
 
             stack.enter_context(mock.patch.object(QuantLayerMixin, "_q8_apply", changed))
-        if mode == "act_saves_fp32":
+        if mode in ("act_saves_fp32", "saves_fp32"):
             setup = QuantActivationMixin._q8_setup
 
             def float_saves(self, config, kernels):  # noqa: ANN001, ANN202
@@ -93,8 +98,8 @@ def probe(mode: str) -> Iterator[None]:
 
             stack.enter_context(mock.patch.object(QuantActivationMixin, "_q8_setup",
                                                   float_saves))
-        if mode in ("bn_saves_fp32", "saves_bf16"):  # "codes" that restore as codes * 1 + 0
-            dtype = torch.float32 if mode == "bn_saves_fp32" else torch.bfloat16
+        if mode in ("bn_saves_fp32", "saves_bf16", "saves_fp32"):  # restored: codes * 1 + 0
+            dtype = torch.bfloat16 if mode == "saves_bf16" else torch.float32
             stack.enter_context(mock.patch.object(
                 q8.norm, "channel_codes",
                 lambda x, bits: (x.to(dtype), torch.ones(()), torch.zeros(()))))
@@ -108,9 +113,35 @@ def probe(mode: str) -> Iterator[None]:
         yield
 
 
+def step_gradient(mode: str | None, model: str = "efficientnet_b0") -> torch.Tensor:
+    """All parameter gradients of one training step (batch 32 at 32x32, seed 0) with g_l in
+    fp32, under probe `mode` (None: the default's saves)."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model(model, num_classes=10)
+    with probe(mode) if mode else contextlib.nullcontext():
+        q8.quantize_model(net, q8.QuantConfig(grad_bits=None, wgrad_bits=None))
+        x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+
+def gradient_errors() -> dict[str, float]:
+    """|g - g_ref| / |g_ref| per probe of the saves, g_ref with both saves in fp32."""
+    ref = step_gradient("saves_fp32")
+    return {str(mode): ((step_gradient(mode) - ref).norm() / ref.norm()).item()
+            for mode in (None, "bn_saves_fp32", "act_saves_fp32", "saves_bf16")}
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
+        return 0
+    if argv[0] == "--gradients":
+        torch.set_num_threads(1)
+        for mode, error in gradient_errors().items():
+            print(f"{'the default' if mode == 'None' else mode:>16}: {error:.4f} of |g|")
         return 0
     if os.environ.get(CHILD) != argv[0]:
         # train.py imports the application's packages (callbacks/) from the repository root:

@@ -42,7 +42,8 @@ DEFAULT = [("input", U8), ("map", U8), ("map", U8), ("map", U8)]  # conv, BN, Si
     ("dw_fp32", [("map", torch.float32)]), ("dw_per_channel", [("map", torch.float32)]),
     ("dense_fp32", [("input", torch.float32)]), ("act_saves_fp32", [("map", torch.float32)]),
     ("bn_saves_fp32", [("map", torch.float32)]), ("dw_16bit", [("map", torch.int32)]),
-    ("saves_bf16", [("map", torch.bfloat16), ("map", torch.bfloat16)])])
+    ("saves_bf16", [("map", torch.bfloat16), ("map", torch.bfloat16)]),
+    ("saves_fp32", [("map", torch.float32), ("map", torch.float32)])])
 def test_each_probe_keeps_one_map_out_of_8_bits(load_script, mode, fp32_maps):
     screen = load_script("act_screen")
     assert saved_maps(model()) == DEFAULT
