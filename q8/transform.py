@@ -194,8 +194,8 @@ def _functional_mixin(module: nn.Module, cfg: QuantConfig) -> type | None:
 
 
 def _inside(name: str, whole: set[str]) -> bool:
-    """Whether `name` is one of the modules in `whole` or inside one ("" is the model)."""
-    return any(w == "" or name == w or name.startswith(w + ".") for w in whole)
+    """Whether `name` is one of the modules in `whole` or inside one."""
+    return any(name == w or name.startswith(w + ".") for w in whole)
 
 
 GATE_BRANCH = "squeeze-excitation branch, in full precision (gates='float')"

@@ -45,8 +45,8 @@ from q8.layers import QuantActivationMixin, QuantLayerMixin
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = "Q8_ACT_SCREEN"  # set in the process that runs train.py: the probe it runs
-DEPTHWISE = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")
-MODES = (*DEPTHWISE, "act_saves_fp32", "bn_saves_fp32", "saves_bf16", "saves_fp32")
+INPUTS = ("dw_fp32", "dw_16bit", "dw_per_channel", "dense_fp32")  # a layer's input changes
+MODES = (*INPUTS, "act_saves_fp32", "bn_saves_fp32", "saves_bf16", "saves_fp32")
 
 
 class _Bf16SavesFn(torch.autograd.Function):
@@ -74,7 +74,7 @@ def probe(mode: str) -> Iterator[None]:
     if mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}: valid are {', '.join(MODES)}")
     with contextlib.ExitStack() as stack:
-        if mode in DEPTHWISE:
+        if mode in INPUTS:
             apply = QuantLayerMixin._q8_apply
 
             def changed(self, x, weight, bias, spec):  # noqa: ANN001, ANN202
@@ -128,9 +128,10 @@ def step_gradient(mode: str | None, model: str = "efficientnet_b0") -> torch.Ten
 
 
 def gradient_errors() -> dict[str, float]:
-    """|g - g_ref| / |g_ref| per probe of the saves, g_ref with both saves in fp32."""
+    """|g - g_ref| / |g_ref| for the default's saves and each probe of them, g_ref with both
+    saves in fp32."""
     ref = step_gradient("saves_fp32")
-    return {str(mode): ((step_gradient(mode) - ref).norm() / ref.norm()).item()
+    return {mode or "the default": ((step_gradient(mode) - ref).norm() / ref.norm()).item()
             for mode in (None, "bn_saves_fp32", "act_saves_fp32", "saves_bf16")}
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> int:
     if argv[0] == "--gradients":
         torch.set_num_threads(1)
         for mode, error in gradient_errors().items():
-            print(f"{'the default' if mode == 'None' else mode:>16}: {error:.4f} of |g|")
+            print(f"{mode:>16}: {error:.4f} of |g|")
         return 0
     if os.environ.get(CHILD) != argv[0]:
         # train.py imports the application's packages (callbacks/) from the repository root:
