@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,26 @@ def test_every_configuration_names_its_family_and_a_preset(load_script) -> None:
         assert len(presets) == 1 and (ROOT / "conf" / "quant" / f"{presets[0]}.yaml").is_file()
 
 
+@pytest.mark.parametrize("suite", ["fashion_mnist", "digits"])
+def test_every_parity_run_composes_and_builds_its_model(suite: str, load_script) -> None:
+    """Each family's fp32 run, as train.py composes it from the suite's experiment and the
+    family's overrides, builds the timm model it names (digits_parity's narrow ResNet-18
+    kwargs are dropped for the timm families)."""
+    from q8.lit.models import create_backbone
+    from tests.conftest import compose_config
+
+    reproduce = load_script("reproduce")
+    s = reproduce.SUITES[suite]
+    for family in s.families:
+        cfg = compose_config([f"experiment={s.experiment}", *family.overrides, "quant=fp32"])
+        names = [o.split("=", 1)[1] for o in family.overrides if o.startswith("model.name=")]
+        assert cfg.model.name == (names[0] if names else "resnet18")
+        kwargs = dict(cfg.model.kwargs)
+        assert ("channels" in kwargs) == (suite == "digits" and family.name == "resnet18")
+        with torch.device("meta"):
+            create_backbone(cfg.model.name, 10, 1, cfg.model.small_input, kwargs)
+
+
 def test_the_papers_numbers_come_from_its_data_file(tmp_path: Path, load_script) -> None:
     """The last table of the report is scripts/paper_results.yaml, row by row; each row names an
     experiment config that exists."""
@@ -173,11 +194,11 @@ def test_a_partial_reproduction_reports_what_it_has_and_names_the_rest(tmp_path:
 
 
 def test_a_section_on_two_families_has_a_table_for_each(tmp_path: Path, load_script) -> None:
-    """The gates section runs on EfficientNet-B0 and MobileNetV3: each family's 8-bit-gate
-    runs sit in their own table, against that family's q8_bifurcated."""
+    """The gates section runs on EfficientNet-B0 (at lr 0.03) and MobileNetV3: each family's
+    8-bit-gate runs sit in their own table, against that family's q8_bifurcated."""
     reproduce = load_script("reproduce")
     out = tmp_path / "runs"
-    accs = {"efficientnet_b0": (0.80, 0.79), "mobilenetv3_small_100": (0.70, 0.66)}
+    accs = {"efficientnet_b0_lr0.03": (0.80, 0.79), "mobilenetv3_small_100": (0.70, 0.66)}
     for family, (default, gates8) in accs.items():
         for name, acc in (("q8_bifurcated", default), ("gates8", gates8)):
             run = out / family / name / "seed0"
@@ -185,8 +206,31 @@ def test_a_section_on_two_families_has_a_table_for_each(tmp_path: Path, load_scr
             (run / "metrics.json").write_text(json.dumps({"test/acc": acc, "epochs": 3}))
     suite = reproduce.SUITES["fashion_mnist"]
     text = reproduce.report(out, suite, suite.configs, [0], "cmd", None, tmp_path / "R.md")
-    for family, delta in (("efficientnet_b0", "-1.00"), ("mobilenetv3_small_100", "-4.00")):
+    for family, delta in (("efficientnet_b0_lr0.03", "-1.00"),
+                          ("mobilenetv3_small_100", "-4.00")):
         section = text.split(f"8 bits ({family})", 1)[1].split("##", 1)[0]
         assert f"Δ vs `{family}/q8_bifurcated`" in section
         gates8 = next(line for line in section.splitlines() if line.startswith("| `gates8`"))
         assert f"| {delta} |" in gates8
+
+
+def test_a_loss_jump_is_a_logged_loss_a_nat_above_the_lowest_before_it(tmp_path: Path,
+                                                                      load_script) -> None:
+    """Counted from the run's CSV log: 2.625 after a low of 1.5 and 2.25 after 1.0 jump; 2.5 after
+    1.5 lies exactly 1 above (not a jump), and the first loss has nothing before it. The tables
+    say how many runs jumped."""
+    reproduce = load_script("reproduce")
+    run = tmp_path / "resnet18" / "q8_bifurcated" / "seed0"
+    (run / "csv").mkdir(parents=True)
+    losses = [3.0, 2.0, 1.5, 2.5, 2.625, 1.0, 2.25, 0.5]
+    rows = [f"{10 * i + 9},{v},,0" for i, v in enumerate(losses)] + ["79,,0.8,0"]
+    (run / "csv" / "metrics.csv").write_text("step,train/loss_step,val/acc,epoch\n"
+                                             + "\n".join(rows) + "\n")
+    assert reproduce.loss_jumps(run) == 2
+    assert reproduce.loss_jumps(run, jump=0.5) == 3  # 2.5 counts too
+    assert reproduce.loss_jumps(tmp_path / "no_log") is None
+    (run / "metrics.json").write_text(json.dumps({"test/acc": 0.9, "train/loss": 0.5}))
+    config = reproduce.Config("resnet18/q8_bifurcated", "parity", "q8", ("quant=q8_bifurcated",))
+    runs = reproduce.load(tmp_path, [config], [0, 1])
+    assert runs[config.name][0]["jumps"] == 2
+    assert "| 1 of 1 |" in reproduce.table([config], runs, "resnet18/fp32")[-1]
