@@ -79,6 +79,8 @@ def cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def act_outside_frac(x: Tensor, running: Tensor) -> Tensor:
-    """Fraction of x outside the running [lo, hi] range that eval would quantize x with."""
+    """Fraction of x outside the running [lo, hi] range that eval would quantize x with: one
+    range, shape (2,), or one per channel (dim 1 of x), shape (2, C)."""
     x = x.detach()
-    return ((x < running[0]) | (x > running[1])).float().mean()
+    lo, hi = running.reshape(2, -1, *[1] * (x.dim() - 2)) if running.dim() == 2 else running
+    return ((x < lo) | (x > hi)).float().mean()

@@ -239,7 +239,8 @@ class QuantStatsCallback(Callback):
             dim = 0 if probe.per_channel else None
             self._put(probe, "quant", "weight", quant_error(m.weight, probe.weight_bits, dim=dim))
         if probe.act_bits is not None:
-            self._put(probe, "quant", "act", quant_error(x, probe.act_bits))
+            dim = None if getattr(m, "q8_act_channels", None) is None else 1
+            self._put(probe, "quant", "act", quant_error(x, probe.act_bits, dim=dim))
             running = getattr(m, "act_range", None)
             if running is not None:
                 probe.values[f"quant/{probe.name}/act_eval_clip_frac"] = act_outside_frac(

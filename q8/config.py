@@ -12,6 +12,7 @@ ROUNDINGS = ("stochastic", "nearest")
 BN_TYPES = ("batchnorm", "range")
 BN_COMPUTES = ("float", "8bit")
 GATE_MODES = ("float", "8bit")
+ACT_RANGES = ("channel", "tensor")
 NORM_TYPES = ("standard", "range")
 RANGE_BN_SCALES = ("exact", "paper", "hoffer2018")
 MIN_BITS, MAX_BITS = 2, 16
@@ -46,9 +47,11 @@ class QuantConfig:
     normalised input as 8-bit codes for backward (`bn_compute="float"`, docs/MOBILE_NETS.md:
     depthwise and mobile nets do not train with an 8-bit grid ahead of BN's per-channel
     division); the branch of a squeeze-excitation gate stays in full precision
-    (`gates="float"`: MobileNetV3 trains closer to fp32 with it, docs/MOBILE_NETS.md). The
-    paper's exact setting, Range BN on an 8-bit input with an 8-bit output gradient and every
-    layer in 8 bits, is conf/quant/q8_paper.yaml. LayerNorm and GroupNorm (`norm`) stay
+    (`gates="float"`: MobileNetV3 trains closer to fp32 with it, docs/MOBILE_NETS.md); a
+    convolution's input is quantized with one range per channel (`act_ranges="channel"`:
+    EfficientNet-B0 trains as fp32 does with it, docs/MOBILE_NETS.md). The paper's exact
+    setting, Range BN on an 8-bit input with an 8-bit output gradient, one range per tensor and
+    every layer in 8 bits, is conf/quant/q8_paper.yaml. LayerNorm and GroupNorm (`norm`) stay
     standard by default, quantized in and out (`bn_param_bits` covers their gamma/beta too);
     `norm="range"` normalises them by the scaled range of each token / group instead.
     """
@@ -70,6 +73,10 @@ class QuantConfig:
     # product keeps x as 8-bit codes for backward.
     gates: str = "float"
     per_channel_weights: bool = False  # one range per output channel instead of per tensor
+    # the input of a convolution: "channel", one [min, max] per input channel (a scale that
+    # varies along the GEMM's sum: those GEMMs run on the dequantized values, q8.gemm);
+    # "tensor", one per tensor (the paper). Linear layers and norms take one per tensor.
+    act_ranges: str = "channel"
     act_momentum: float = 0.1  # EMA momentum of the activations' running range (used in eval)
     bn_param_bits: int | None = None  # quantize BN gamma/beta too (None: fp32, as the paper)
     range_bn_chunks: int = 16  # Range BN: mean range over this many chunks of the batch
@@ -86,6 +93,7 @@ class QuantConfig:
         _check_choice("bn_compute", self.bn_compute, BN_COMPUTES)
         _check_choice("norm", self.norm, NORM_TYPES)
         _check_choice("gates", self.gates, GATE_MODES)
+        _check_choice("act_ranges", self.act_ranges, ACT_RANGES)
         _check_choice("range_bn_scale", self.range_bn_scale, RANGE_BN_SCALES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("gemm", self.gemm, GEMM_MODES)
@@ -154,7 +162,7 @@ class QuantConfig:
     def short_str(self) -> str:
         """A compact label, e.g. 'w8a8g8/16-sr-batchnorm32' or 'w8a8g8/16-sr-rangebn' (the BN,
         with 32 when it computes in full precision; '-rangenorm' added for norm="range",
-        '-gates8' for gates="8bit")."""
+        '-gates8' for gates="8bit", '-acttensor' for act_ranges="tensor")."""
         def b(v: int | None) -> str:
             return "32" if v is None else str(v)
 
@@ -163,4 +171,5 @@ class QuantConfig:
         norm = "-rangenorm" if self.norm == "range" else ""
         bn = "batchnorm32" if self.float_bn else f"{self.bn}bn"
         gates = "-gates8" if self.gates == "8bit" else ""
-        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}{gates}"
+        ranges = "-acttensor" if self.act_ranges == "tensor" and self.act_bits else ""
+        return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}{gates}{ranges}"

@@ -20,7 +20,8 @@ aten.convolution_backward on their `Geometry`.
 
 A GEMM whose operands are not all codes of at most 8 bits (a full-precision tensor, more bits,
 or per-channel weights inside the data path's sum, or inside a transposed convolution's forward
-sum: its weight's first dimension is the input channels) runs `dequantized`.
+sum: its weight's first dimension is the input channels) runs `dequantized`; so do the forward
+and the weight gradient of an input with one range per channel (QuantConfig.act_ranges).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Geometry(NamedTuple):
 def forward(x: Operand, w: Operand, bias: Tensor | None, geometry: Geometry | None,
             mode: str) -> Tensor:
     """y = x W^T (+ b), or conv(x, W) (+ b)."""
-    if mode == "dequantized" or not (x.narrow() and w.narrow()) or (
+    if mode == "dequantized" or not (x.narrow() and w.narrow()) or x.scale.numel() > 1 or (
             geometry is not None and geometry.transposed and w.scale.numel() > 1):
         return _apply(x.dequantized(), w.dequantized(), bias, geometry)
     scale = x.scale * w.scale.reshape(-1)  # s_x s_w, per output channel for per-channel W
@@ -142,7 +143,8 @@ def _grad_weight(g: Operand, x: Operand, w: Operand, w_shape: torch.Size,
                  geometry: Geometry | None, mode: str) -> Tensor:
     """dL/dW = g^T x (linear) or conv's weight gradient; a g of two bytes in two GEMMs."""
     split = g.is_codes and g.low is not None
-    if mode == "dequantized" or not (x.narrow() and (g.narrow() or split)):
+    if mode == "dequantized" or not (x.narrow() and (g.narrow() or split)) or (
+            x.scale.numel() > 1):
         return _weight_product(g.dequantized(), x.dequantized(), w.values, w_shape, geometry)
     scale = g.scale * x.scale
     y = _weight_product(g.values, x.values, w.values, w_shape, geometry).float()

@@ -39,15 +39,17 @@ MAX_GRID_BITS = 16  # the weight-gradient copy of g_l: the most bits a quantized
 
 
 def grid_bits(t: Tensor) -> int | None:
-    """The bits of the uniform grid that t's values lie on (per tensor, else per slice of dim 0,
-    else per row or per column of its last two dimensions), or None for values on no grid of at
-    most 2^16 levels (full precision)."""
+    """The bits of the uniform grid that t's values lie on (per tensor, else per slice of dim 0
+    or of dim 1, else per row or per column of its last two dimensions), or None for values on
+    no grid of at most 2^16 levels (full precision)."""
     if not t.is_floating_point():
         return 8 * t.element_size()
     bits = _grid_bits(t.detach().flatten())
-    if bits is None and t.dim() >= 2 and t.shape[0] > 1:  # per output channel
-        rows = [_grid_bits(row.flatten()) for row in t.detach()]
-        bits = None if any(b is None for b in rows) else max(rows)
+    # per output channel (a weight), or per channel of an activation (B, C, ...)
+    for dim in (0, 1) if t.dim() >= 3 else (0,) if t.dim() == 2 else ():
+        if bits is None and t.shape[dim] > 1:
+            slices = [_grid_bits(s.flatten()) for s in t.detach().unbind(dim)]
+            bits = None if any(b is None for b in slices) else max(slices)
     if bits is None and t.dim() >= 2:  # per row, or per column (a transposed operand)
         bits = _row_grid_bits(t.detach())
         bits = _row_grid_bits(t.detach().mT) if bits is None else bits

@@ -37,8 +37,9 @@ def find_non_finite(model: nn.Module) -> str | None:
     bad_grads, bad_params = rest[: len(grads)], rest[len(grads) :]
     for (name, m), b in zip(ranges, bad_ranges):
         if b:
-            lo, hi = m.act_range.tolist()
-            return f"{_where(name, m)}: its input range [{lo}, {hi}] in forward"
+            lo, hi = m.act_range.reshape(2, -1)  # the widest, of a range per channel
+            return (f"{_where(name, m)}: its input range [{lo.min().item()}, "
+                    f"{hi.max().item()}] in forward")
     for (name, m, _), b in reversed(list(zip(grads, bad_grads))):
         if b:
             return f"{_where(name, m)}: its weight gradient, in backward"

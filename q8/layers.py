@@ -35,11 +35,15 @@ from q8.kernels.reference import minmax
 class ActRangeMixin:
     """Running range (EMA of the batch min/max) of a layer's input, used in eval.
 
-    Buffers `act_range` = [lo, hi] and `act_range_steps` go into the state dict; a state dict
-    without them (e.g. an fp32 checkpoint) still loads: the range is then learnt afresh.
+    Buffers `act_range` = [lo, hi] (shape (2,), or (2, C) with one range per input channel:
+    `q8_act_channels`) and `act_range_steps` go into the state dict; a state dict without them
+    (e.g. an fp32 checkpoint) still loads: the range is then learnt afresh. A range of the other
+    shape loads too, spread over the channels or merged into one.
     Twins built directly take the original's arguments plus `q8_config`; `q8_kernels` is the
     backend they run on (q8.kernels.Kernels of the config's backend).
     """
+
+    q8_act_channels: int | None = None  # a range per input channel (dim 1) when set
 
     def __init__(self, *args, q8_config: QuantConfig | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -53,14 +57,21 @@ class ActRangeMixin:
         self.q8_config, self.q8_kernels = config, kernels
         w = next(iter(self._parameters.values()), None)
         device = w.device if w is not None else None
-        self.register_buffer("act_range", torch.zeros(2, device=device))
+        shape = (2,) if self.q8_act_channels is None else (2, self.q8_act_channels)
+        self.register_buffer("act_range", torch.zeros(shape, device=device))
         self.register_buffer("act_range_steps", torch.zeros((), dtype=torch.long, device=device))
 
     def _q8_input_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The [lo, hi] to quantize x with: the batch's in training, the running one in eval.
-        An empty batch leaves the running range as it is."""
+        """The [lo, hi] to quantize x with: the batch's in training, the running one in eval;
+        0-d, or shaped (1, C, 1, ...) to broadcast against x with a range per channel. An empty
+        batch leaves the running range as it is."""
+        per_channel = self.q8_act_channels is not None
         with torch.no_grad():
-            batch = torch.stack(minmax(x.detach())).float()
+            if x.numel() == 0:
+                batch = torch.zeros_like(self.act_range)
+            else:
+                lo, hi = minmax(x.detach(), 1 if per_channel else None)
+                batch = torch.stack([lo, hi]).float().reshape(self.act_range.shape)
             seen = self.act_range_steps > 0
             if self.training and x.numel() > 0:
                 m = self.q8_config.act_momentum
@@ -69,11 +80,19 @@ class ActRangeMixin:
                 r = batch
             else:
                 r = torch.where(seen, self.act_range, batch)
+        if per_channel:
+            shape = (1, -1, *[1] * (x.dim() - 2))
+            return r[0].view(shape), r[1].view(shape)
         return r[0], r[1]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         for key in ("act_range", "act_range_steps"):
             state_dict.setdefault(prefix + key, getattr(self, key))
+        r = state_dict[prefix + "act_range"]
+        if r.shape != self.act_range.shape:  # saved with the other act_ranges
+            state_dict[prefix + "act_range"] = (
+                torch.stack([r[0].min(), r[1].max()]) if self.q8_act_channels is None
+                else r.reshape(2, 1).expand(self.act_range.shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -205,6 +224,8 @@ class QuantLayerMixin(ActRangeMixin):
     twin_prefix = "Quant"
 
     def _q8_setup(self, config: QuantConfig, kernels: Kernels) -> None:
+        conv = isinstance(self, nn.modules.conv._ConvNd)
+        self.q8_act_channels = self.in_channels if conv and config.act_ranges == "channel" else None
         self._q8_init_range(config, kernels)
         grad = GradSpec(config.grad_bits, config.wgrad_bits, config.grad_rounding)
         self.q8_spec = LayerSpec(config.act_bits, config.weight_bits, config.per_channel_weights,

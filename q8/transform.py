@@ -57,6 +57,11 @@ class QuantReport:
             lines.append(f"the {bns} BatchNorm layers compute in full precision and keep 8-bit "
                          "codes of their normalised input (bn_compute='float'; the paper's Range "
                          "BN on an 8-bit input: bn='range')")
+        convs = sum(w.startswith("QuantConv") for _, _, w in self.replaced)
+        if convs and self.config.act_ranges == "channel" and self.config.act_bits is not None:
+            lines.append(f"the {convs} convolutions quantize their input with one range per "
+                         "channel, their forward and weight-gradient GEMMs on the dequantized "
+                         "values (act_ranges='channel'; one range per tensor: 'tensor')")
         if self.kept:
             lines.append(f"left in full precision: {len(self.kept)} modules")
             for (cls, why), n in sorted(Counter((c, r) for _, c, r in self.kept).items()):

@@ -127,13 +127,13 @@ def test_quantized_conv_forward_matches_fake_quantized_reference(backend, kw):
     cfg = QuantConfig(per_channel_weights=True)
     ref, q = conv_pair(cfg, backend, **kw)
     x = torch.randn(4, 16, 10, 10, device=device_of(backend))
-    want = F.conv2d(fake_quantize(x, 8), fake_quantize(ref.weight, 8, dim=0), ref.bias,
+    want = F.conv2d(fake_quantize(x, 8, dim=1), fake_quantize(ref.weight, 8, dim=0), ref.bias,
                     ref.stride, ref.padding, ref.dilation, ref.groups)
     torch.testing.assert_close(q(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_running_range_used_in_eval_and_round_trips_through_state_dict(backend):
-    _, q = conv_pair(QuantConfig(act_momentum=0.5), backend)
+    _, q = conv_pair(QuantConfig(act_momentum=0.5, act_ranges="tensor"), backend)
     dev = device_of(backend)
     for scale in (1.0, 3.0):
         q(torch.rand(4, 16, 6, 6, device=dev) * scale)
@@ -142,7 +142,7 @@ def test_running_range_used_in_eval_and_round_trips_through_state_dict(backend):
     q.eval()
     x = torch.rand(4, 16, 6, 6, device=dev) * 10  # beyond the running range: clipped in eval
     y = q(x)
-    _, q2 = conv_pair(QuantConfig(act_momentum=0.5), backend)
+    _, q2 = conv_pair(QuantConfig(act_momentum=0.5, act_ranges="tensor"), backend)
     q2.load_state_dict(q.state_dict())
     q2.eval()
     assert torch.equal(q2(x), y)

@@ -89,13 +89,16 @@ def test_full_precision_twin_equals_fp32_exactly(backend, name):
 
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_forward_matches_the_fake_quantized_reference(backend, name, per_channel):
-    """y = conv(x_hat, W_hat) + b with x_hat, W_hat the quantizer's (W per slice of its first
-    dimension, as q8.kernels quantizes weights), up to fp32 summation: each output differs by
-    at most 2 K eps of the sum A of its products' magnitudes (plus the bias's rounding)."""
-    ref, q = pair(name, QuantConfig(per_channel_weights=per_channel), backend)
+@pytest.mark.parametrize("act_ranges", ["channel", "tensor"])
+def test_forward_matches_the_fake_quantized_reference(backend, name, per_channel, act_ranges):
+    """y = conv(x_hat, W_hat) + b with x_hat, W_hat the quantizer's (x per channel or per
+    tensor, W per slice of its first dimension, as q8.kernels quantizes weights), up to fp32
+    summation: each output differs by at most 2 K eps of the sum A of its products' magnitudes
+    (plus the bias's rounding)."""
+    cfg = QuantConfig(per_channel_weights=per_channel, act_ranges=act_ranges)
+    ref, q = pair(name, cfg, backend)
     x = inputs(name, device_of(backend))
-    x_hat = fake_quantize(x, 8)
+    x_hat = fake_quantize(x, 8, dim=1 if act_ranges == "channel" else None)
     w_hat = fake_quantize(ref.weight.detach(), 8, dim=0 if per_channel else None)
     want = convolution(ref, x_hat, w_hat) + ref.bias.detach().view(1, -1, *[1] * (x.dim() - 2))
     A = convolution(ref, x_hat.double().abs(), w_hat.double().abs())
@@ -145,8 +148,10 @@ def test_each_gemm_mode_within_the_bound_of_the_dequantized_mode(device, mode, n
     derives: bf16's rounding of each product (2^-8, none where int8 runs) plus two fp32
     accumulations of K products, in the forward, dL/dx (8-bit g_l) and dL/dW (16-bit g_l in
     two bytes). int8's plain product runs on a 1x1 Conv1d (exact there)."""
-    ref, deq = pair(name, QuantConfig(grad_rounding="nearest"))
-    _, other = pair(name, QuantConfig(grad_rounding="nearest", gemm=mode))
+    # one range per tensor: a range per channel runs the forward and dL/dW dequantized in every
+    # mode (tests/test_q8_act_ranges.py)
+    ref, deq = pair(name, QuantConfig(grad_rounding="nearest", act_ranges="tensor"))
+    _, other = pair(name, QuantConfig(grad_rounding="nearest", gemm=mode, act_ranges="tensor"))
     deq, other = deq.to(device), other.to(device)
     x = inputs(name, device).relu()
     gy = torch.randn(ref.to(device)(x).shape, generator=torch.Generator().manual_seed(4))

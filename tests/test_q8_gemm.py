@@ -64,7 +64,7 @@ def test_conv_forward_within_the_bound(device, mode, name, channels_last):
     x = torch.randn(shape, generator=g).relu().to(device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    cfg = QuantConfig(grad_rounding="nearest")
+    cfg = QuantConfig(grad_rounding="nearest", act_ranges="tensor")
     torch.manual_seed(0)
     deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg).to(device)
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_conv_backward_within_the_bound(device, mode, name):
     cin, cout, k, kw, shape = CONVS[name]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(shape, generator=g).relu().to(device)
-    cfg = QuantConfig(grad_rounding="nearest")
+    cfg = QuantConfig(grad_rounding="nearest", act_ranges="tensor")
     torch.manual_seed(0)
     deq = QuantConv2d(cin, cout, k, **kw, q8_config=cfg).to(device)
     torch.manual_seed(0)
@@ -183,7 +183,8 @@ def test_weight_gradient_sqnr_within_half_a_db_of_the_dequantized_mode(device, m
     sqnr = {}
     for m in ("dequantized", mode):
         torch.manual_seed(0)
-        layer = QuantConv2d(cin, cout, k, **kw, q8_config=QuantConfig(gemm=m)).to(device)
+        cfg = QuantConfig(gemm=m, act_ranges="tensor")
+        layer = QuantConv2d(cin, cout, k, **kw, q8_config=cfg).to(device)
         torch.manual_seed(7)  # the same noise in both modes
         layer(x).backward(gy)
         sqnr[m] = _sqnr_db(ref.weight.grad.double(), layer.weight.grad.double())

@@ -279,7 +279,9 @@ def _tiny_net():
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
-PAPER = QuantConfig(bn="range")  # Range BN runs on the fused kernels; the default BN on torch's
+# Range BN runs on the fused kernels, the default BN on torch's; one range per tensor, as the
+# kernels take (a range per channel runs the reference's quantize_input)
+PAPER = QuantConfig(bn="range", act_ranges="tensor")
 
 
 def _step(backend, config=None, model=_tiny_net, shape=(8, 3, 12, 12)):
@@ -488,7 +490,8 @@ def test_the_cuda_kernels_check_the_sizes_they_index():
     saved, _, mn, mx = k.range_bn_stats(x, *minmax(x), 8)
     C, stat = on("cuda", torch.zeros(3)), on("cuda", torch.zeros(2, 3))
     bad = [
-        lambda: k.quantize_input(x, on("cuda", torch.zeros(2)), on("cuda", torch.ones(())), 8),
+        lambda: k.ops.quantize_input(x, on("cuda", torch.zeros(2)), on("cuda", torch.ones(())),
+                                     8),
         lambda: k.relu_backward(x, on("cuda", torch.zeros(3, dtype=torch.uint8))),
         lambda: k.range_bn_affine(saved, on("cuda", torch.zeros(2)), C),
         lambda: k.range_bn_grad_sums(saved, x, C, on("cuda", torch.zeros(5)), stat, 8, None),

@@ -78,13 +78,13 @@ class Cpu(Fused):
 
     def quantize_input(self, x: Tensor, lo: Tensor, hi: Tensor,
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
-        if not self.fuses(x, bits=bits, makes_codes=True):
+        if not self.fuses(x, bits=bits, makes_codes=True, ranges=(lo, hi)):
             return self.reference.quantize_input(x, lo, hi, bits)
         codes, x_hat, scale, zero_point = self.ops.quantize_input(x.contiguous(), lo, hi, bits)
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:
-        if not self.fuses(*saved, bits=code_bits(saved)):
+        if not self.fuses(*saved, bits=code_bits(saved), ranges=saved[1:]):
             return self.reference.restore(saved)
         return self.ops.dequantize(*saved)
 

@@ -84,20 +84,21 @@ def seed_tensor(seed: Seed | None) -> Tensor | None:
 
 class Fused:
     """A backend of fused kernels. The one rule (`fuses`): a kernel runs an op when the op has
-    something to quantize (bits not None; at most 8 where it makes codes), every tensor it reads
-    is float32 values or uint8 codes, and the first is not empty. Everything else, and every op
-    a backend does not fuse, runs the reference's op."""
+    something to quantize (bits not None; at most 8 where it makes codes) over one range per
+    tensor, every tensor it reads is float32 values or uint8 codes, and the first is not empty.
+    Everything else, and every op a backend does not fuse, runs the reference's op."""
 
     name = "fused"
     reference = Reference()
 
     def fuses(self, *tensors: Tensor, bits: int | None = CODE_BITS,
-              makes_codes: bool = False) -> bool:
+              makes_codes: bool = False, ranges: tuple[Tensor, ...] = ()) -> bool:
         """Whether the kernel runs an op on `tensors` that quantizes to `bits` (an op with no
-        bit-width, such as ReLU, passes none)."""
+        bit-width, such as ReLU, passes none) over `ranges` (lo and hi, or scale and zero
+        point): the kernels take one range per tensor, the reference one per channel too."""
         if bits is None or (makes_codes and bits > CODE_BITS):
             return False
-        return takes(*tensors)
+        return takes(*tensors) and all(r.numel() == 1 for r in ranges)
 
     def serves(self, x: Tensor) -> bool:
         raise NotImplementedError
