@@ -5,7 +5,9 @@
 #   tests.txt     pytest -m cuda: every backend-equivalence, GEMM-mode and layer test on CUDA
 #                 tensors, a training step that must never wait for the GPU, the app on the GPU
 #   bench.txt/.json  scripts/bench.py: resnet50 224x224 batch 128, channels_last: fp32, bf16 AMP
-#                 and q8_bifurcated in every GEMM mode (step time, img/s, peak memory, saved)
+#                 and q8_bifurcated and q8_paper in every GEMM mode (step time, img/s, peak
+#                 memory, saved); q8_paper's convs take one range per tensor, so their forward
+#                 runs in each mode, q8_bifurcated's (a range per channel) dequantized
 #   curves.json   scripts/gemm_curves.py: 300 seeded steps per GEMM mode and seed (resnet18)
 #   train.txt     python train.py trainer=gpu logger=csv, one epoch on digits
 #   bench_compile.txt/.json  scripts/bench.py --compile: fp32, bf16 AMP and q8_bifurcated, eager
@@ -40,8 +42,9 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to $OUT
     tail -n 25 "$OUT/$name.txt"
 }
 
-step bench 150 "$py" scripts/bench.py --device cuda --model resnet50 --image-size 224 \
-    --batch 128 --gemm dequantized,codes,int8 --steps 10 --warmup 3 --json "$OUT/bench.json"
+step bench 200 "$py" scripts/bench.py --device cuda --model resnet50 --image-size 224 \
+    --batch 128 --presets fp32,q8_bifurcated,q8_paper --gemm dequantized,codes,int8 --steps 10 \
+    --warmup 3 --json "$OUT/bench.json"
 step tests 180 "$py" -m pytest -q -m cuda -p no:cacheprovider tests/
 step curves 90 "$py" scripts/gemm_curves.py --device cuda --steps 300 --seeds 0,1,2 \
     --out /tmp/curves
