@@ -10,7 +10,9 @@ from torch import nn
 
 from q8 import QuantConfig, QuantConv2d, QuantLinear, fake_quantize, quantize_model
 from q8.gemm_coverage import grid_bits
-from tests.conftest import device_of
+from q8.kernels import Kernels
+from q8.kernels.reference import Reference, minmax
+from tests.conftest import backend_params, device_of
 
 
 def conv(config, backend, groups=1):
@@ -112,3 +114,23 @@ def test_config_label_and_report():
         model.q8_report.summary())
     model = quantize_model(nn.Sequential(nn.Conv2d(3, 8, 3)), QuantConfig(act_ranges="tensor"))
     assert "one range per channel" not in model.q8_report.summary()
+
+
+@pytest.mark.parametrize("cpu", backend_params(["cpu"]))
+@pytest.mark.parametrize("shape", [(4, 16, 10, 10), (3, 5, 7), (2, 3, 4, 5, 6), (4, 16, 1, 1)])
+def test_cpu_kernels_take_a_range_per_channel_to_the_reference_bits(cpu, shape):
+    """The CPU kernels quantize and restore with a range per channel themselves (the CUDA
+    kernels leave it to the reference): the same codes, x_hat, scales and zero points."""
+    dev = device_of(cpu)
+    k, ref = Kernels(cpu).on(torch.zeros(1, device=dev)), Reference()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g)
+         * torch.logspace(-3, 1, shape[1]).view(1, -1, *[1] * (len(shape) - 2))).to(dev)
+    lo, hi = (t.float() for t in minmax(x, 1))
+    assert k.fuses(x, bits=8, makes_codes=True, ranges=(lo, hi))
+    x_hat, saved = k.quantize_input(x, lo, hi, 8)
+    want, want_saved = ref.quantize_input(x, lo, hi, 8)
+    assert torch.equal(x_hat, want)
+    for a, b in zip(saved, want_saved):
+        assert torch.equal(a, b.to(a.dtype))
+    assert torch.equal(k.restore(saved), ref.restore(want_saved))

@@ -304,32 +304,74 @@ std::tuple<std::optional<Tensor>, std::optional<Tensor>> grad_pair(
 
 // ---- activations ---------------------------------------------------------------------------
 
-// quantize_input: nearest rounding over [lo, hi] -> (codes, x_hat, scale, zero point).
+// A range per channel: lo and hi (or scale and zero point) hold one value per channel of t,
+// (N, C, ...) contiguous; returns the size of a (sample, channel) plane, which takes its
+// channel's range.
+int64_t plane_size(const Tensor& t, const Tensor& a, const Tensor& b, const char* what) {
+  TORCH_CHECK(t.dim() >= 2 && a.numel() == t.size(1) && b.numel() == a.numel() &&
+                  a.is_contiguous() && b.is_contiguous() && a.scalar_type() == at::kFloat &&
+                  b.scalar_type() == at::kFloat && a.device().is_cpu() && b.device().is_cpu(),
+              "q8 CPU kernel: ", what, " must be one float32 value, or one per channel of dim 1");
+  return t.numel() == 0 ? 0 : t.numel() / (t.size(0) * t.size(1));
+}
+
+// quantize_input: nearest rounding over [lo, hi], one range or one per channel ->
+// (codes, x_hat, scale, zero point), scale and zero point shaped as lo.
 std::tuple<Tensor, Tensor, Tensor, Tensor> quantize_input(const Tensor& x, const Tensor& lo,
                                                           const Tensor& hi, int64_t bits) {
   check(x, at::kFloat, "x");
   check_bits(bits, 8);
-  const Grid gr = make_grid(scalar_arg(lo, "lo"), scalar_arg(hi, "hi"), bits);
   Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kByte));
   Tensor x_hat = at::empty_like(x);
   const float* px = x.const_data_ptr<float>();
   uint8_t* pc = codes.mutable_data_ptr<uint8_t>();
   float* ph = x_hat.mutable_data_ptr<float>();
-  at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-    codes_run(px + b, pc + b, ph + b, e - b, gr);
+  if (lo.numel() == 1 && hi.numel() == 1) {
+    const Grid gr = make_grid(scalar_arg(lo, "lo"), scalar_arg(hi, "hi"), bits);
+    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
+      codes_run(px + b, pc + b, ph + b, e - b, gr);
+    });
+    return {codes, x_hat, scalar(gr.scale), scalar(gr.zero_point)};
+  }
+  const int64_t C = lo.numel(), inner = plane_size(x, lo, hi, "lo and hi");
+  Tensor scale = at::empty(lo.sizes(), lo.options()), zero_point = at::empty_like(scale);
+  std::vector<Grid> grids(C);
+  const float *pl = lo.const_data_ptr<float>(), *pu = hi.const_data_ptr<float>();
+  float *ps = scale.mutable_data_ptr<float>(), *pz = zero_point.mutable_data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    grids[c] = make_grid(pl[c], pu[c], bits);
+    ps[c] = grids[c].scale, pz[c] = grids[c].zero_point;
+  }
+  const int64_t planes = inner == 0 ? 0 : x.numel() / inner;
+  at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, inner)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      codes_run(px + p * inner, pc + p * inner, ph + p * inner, inner, grids[p % C]);
   });
-  return {codes, x_hat, scalar(gr.scale), scalar(gr.zero_point)};
+  return {codes, x_hat, scale, zero_point};
 }
 
-// (code - z) * s
+// (code - z) * s, with one (s, z) or one per channel
 Tensor dequantize(const Tensor& codes, const Tensor& scale, const Tensor& zero_point) {
   check(codes, at::kByte, "codes");
-  const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
   Tensor out = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
   const uint8_t* pc = codes.const_data_ptr<uint8_t>();
   float* po = out.mutable_data_ptr<float>();
-  at::parallel_for(0, codes.numel(), kGrain, [&](int64_t b, int64_t e) {
-    dequantize_run(pc + b, po + b, e - b, s, z);
+  if (scale.numel() == 1 && zero_point.numel() == 1) {
+    const float s = scalar_arg(scale, "scale"), z = scalar_arg(zero_point, "zero_point");
+    at::parallel_for(0, codes.numel(), kGrain, [&](int64_t b, int64_t e) {
+      dequantize_run(pc + b, po + b, e - b, s, z);
+    });
+    return out;
+  }
+  const int64_t C = scale.numel();
+  const int64_t inner = plane_size(codes, scale, zero_point, "scale and zero_point");
+  const float *ps = scale.const_data_ptr<float>(), *pz = zero_point.const_data_ptr<float>();
+  const int64_t planes = inner == 0 ? 0 : codes.numel() / inner;
+  at::parallel_for(0, planes, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, inner)),
+                   [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      dequantize_run(pc + p * inner, po + p * inner, inner, ps[p % C], pz[p % C]);
   });
   return out;
 }

@@ -69,6 +69,7 @@ class Cpu(Fused):
     calls)."""
 
     name = "cpu"
+    channel_ranges = True
 
     def __init__(self) -> None:
         self.ops = build()
@@ -80,7 +81,8 @@ class Cpu(Fused):
                        bits: int | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         if not self.fuses(x, bits=bits, makes_codes=True, ranges=(lo, hi)):
             return self.reference.quantize_input(x, lo, hi, bits)
-        codes, x_hat, scale, zero_point = self.ops.quantize_input(x.contiguous(), lo, hi, bits)
+        codes, x_hat, scale, zero_point = self.ops.quantize_input(
+            x.contiguous(), lo.contiguous(), hi.contiguous(), bits)
         return x_hat, (codes, scale, zero_point)
 
     def restore(self, saved: tuple[Tensor, ...]) -> Tensor:

@@ -38,8 +38,10 @@ def grad_pair(g, bits, wbits, seed, need_data, need_weight):
             out_like(g) if need_weight and not shared else None)
 
 
-def quantize_input(x, lo, hi, bits):
-    return out_like(x, torch.uint8), out_like(x, torch.float32), _scalar(x), _scalar(x)
+def quantize_input(x, lo, hi, bits):  # scale and zero point: one, or one per channel, as lo
+    qp = () if lo.numel() == 1 else lo.shape
+    return (out_like(x, torch.uint8), out_like(x, torch.float32),
+            x.new_empty(qp, dtype=torch.float32), x.new_empty(qp, dtype=torch.float32))
 
 
 def dequantize(codes, scale, zero_point):

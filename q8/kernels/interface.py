@@ -84,21 +84,23 @@ def seed_tensor(seed: Seed | None) -> Tensor | None:
 
 class Fused:
     """A backend of fused kernels. The one rule (`fuses`): a kernel runs an op when the op has
-    something to quantize (bits not None; at most 8 where it makes codes) over one range per
-    tensor, every tensor it reads is float32 values or uint8 codes, and the first is not empty.
+    something to quantize (bits not None; at most 8 where it makes codes) over ranges it takes
+    (one per tensor; one per channel where `channel_ranges`), every tensor it reads is float32
+    values or uint8 codes, and the first is not empty.
     Everything else, and every op a backend does not fuse, runs the reference's op."""
 
     name = "fused"
     reference = Reference()
+    channel_ranges = False  # whether quantize_input and restore take a range per channel
 
     def fuses(self, *tensors: Tensor, bits: int | None = CODE_BITS,
               makes_codes: bool = False, ranges: tuple[Tensor, ...] = ()) -> bool:
         """Whether the kernel runs an op on `tensors` that quantizes to `bits` (an op with no
         bit-width, such as ReLU, passes none) over `ranges` (lo and hi, or scale and zero
-        point): the kernels take one range per tensor, the reference one per channel too."""
+        point): one per tensor, or one per channel where `channel_ranges`."""
         if bits is None or (makes_codes and bits > CODE_BITS):
             return False
-        return takes(*tensors) and all(r.numel() == 1 for r in ranges)
+        return takes(*tensors) and (self.channel_ranges or all(r.numel() == 1 for r in ranges))
 
     def serves(self, x: Tensor) -> bool:
         raise NotImplementedError
