@@ -89,7 +89,8 @@ Variant = tuple[q8.QuantConfig | None, Callable[[nn.Module], None] | None]
 
 def paper(**change: object) -> q8.QuantConfig:
     """The paper's setting (conf/quant/q8_paper.yaml) with `change` applied."""
-    return q8.QuantConfig(**{"bn": "range", "bn_compute": "8bit", "gates": "8bit", **change})
+    return q8.QuantConfig(**{"bn": "range", "bn_compute": "8bit", "gates": "8bit",
+                             "act_ranges": "tensor", **change})
 
 
 # Each study variant changes one thing against the paper's setting (q8_paper).
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # the thread count (EfficientNet-B0, q8_default_gates8, seed 0: 0.059 on one thread, 0.191
     # on two), so runs pin it.
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--act-ranges", choices=["variant", "channel", "tensor"], default="variant",
+                   help="a conv input's ranges in every quantized variant (QuantConfig."
+                        "act_ranges; docs/MOBILE_NETS.md's fixed-batch tables: tensor)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
@@ -175,7 +179,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             losses, where = [], []
             for seed in seeds:
                 start = time.perf_counter()
-                loss, bad = run(model, VARIANTS[v], seed, args.steps)
+                config, change = VARIANTS[v]
+                if config is not None and args.act_ranges != "variant":
+                    config = dataclasses.replace(config, act_ranges=args.act_ranges)
+                loss, bad = run(model, (config, change), seed, args.steps)
                 losses.append(loss)
                 where += [bad] if bad else []
                 print(f"{model} {v} seed {seed}: {loss:.4f} ({time.perf_counter() - start:.0f} s)"
