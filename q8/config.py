@@ -66,6 +66,8 @@ class QuantConfig:
     # normalised input saved as 8-bit codes; "8bit": on the 8-bit input and g_l, as the paper.
     # Range BN always computes on the 8-bit input and g_l (it is the paper's BN for that).
     bn_compute: str = "float"
+    # bits of the codes that BN in full precision keeps of x_tilde for backward; None: act_bits
+    bn_save_bits: int | None = None
     norm: str = "standard"  # LayerNorm/GroupNorm: "standard" (quantized in/out) or "range"
     # squeeze-excitation gates, x * gate(f(pool(x))) (q8.attention.is_gate): "float" keeps the
     # branch f on the pooled features (convs, activations) in full precision, about 0.6% of
@@ -86,7 +88,8 @@ class QuantConfig:
     gemm: str = "dequantized"  # GEMMs (q8.gemm): on dequantized fp32 values, codes in bf16, int8
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits"):
+        for name in ("weight_bits", "act_bits", "grad_bits", "wgrad_bits", "bn_param_bits",
+                     "bn_save_bits"):
             check_bits(f"QuantConfig.{name}", getattr(self, name))
         _check_choice("grad_rounding", self.grad_rounding, ROUNDINGS)
         _check_choice("bn", self.bn, BN_TYPES)
@@ -161,8 +164,9 @@ class QuantConfig:
 
     def short_str(self) -> str:
         """A compact label, e.g. 'w8a8g8/16-sr-batchnorm32' or 'w8a8g8/16-sr-rangebn' (the BN,
-        with 32 when it computes in full precision; '-rangenorm' added for norm="range",
-        '-gates8' for gates="8bit", '-acttensor' for act_ranges="tensor")."""
+        with 32 when it computes in full precision, then s<bits> for bn_save_bits; '-rangenorm'
+        added for norm="range", '-gates8' for gates="8bit", '-acttensor' for
+        act_ranges="tensor")."""
         def b(v: int | None) -> str:
             return "32" if v is None else str(v)
 
@@ -170,6 +174,8 @@ class QuantConfig:
         r = "sr" if self.grad_rounding == "stochastic" else "rn"
         norm = "-rangenorm" if self.norm == "range" else ""
         bn = "batchnorm32" if self.float_bn else f"{self.bn}bn"
+        if self.float_bn and self.bn_save_bits is not None:
+            bn += f"s{self.bn_save_bits}"  # the bits of its saved codes
         gates = "-gates8" if self.gates == "8bit" else ""
         ranges = "-acttensor" if self.act_ranges == "tensor" and self.act_bits else ""
         return f"w{b(self.weight_bits)}a{b(self.act_bits)}g{g}-{r}-{bn}{norm}{gates}{ranges}"

@@ -230,12 +230,16 @@ class QuantBNFn(torch.autograd.Function):
 
 
 def channel_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """x (B, C, H, W) as unsigned `bits`-bit codes with one [lo, hi] per channel (nearest
-    rounding): x ~ codes * scale + lo, |error| <= scale / 2."""
+    """x (B, C, H, W) as `bits`-bit codes with one [lo, hi] per channel (nearest rounding):
+    x ~ codes * scale + offset, |error| <= scale / 2. Up to 8 bits the codes are uint8 and the
+    offset is lo; above, int16 codes shifted down by 2^15, and the offset shifted up to match
+    (two bytes a value)."""
     lo, hi = minmax(x, dim=1)
     scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
-    codes = torch.round((x - lo) / scale).to(code_dtype(bits))
-    return codes, scale, lo
+    codes = torch.round((x - lo) / scale)
+    if bits <= 8:
+        return codes.to(code_dtype(bits)), scale, lo
+    return (codes - 2**15).to(torch.int16), scale, lo + 2**15 * scale
 
 
 class FloatBNFn(torch.autograd.Function):
@@ -318,7 +322,8 @@ class QuantNormMixin(ActRangeMixin):
             if not use_batch_stats:
                 return nn.functional.batch_norm(x, self.running_mean, self.running_var, weight,
                                                  bias, False, 0.0, self.eps)
-            return FloatBNFn.apply(x, weight, bias, rm, rv, m, self.eps, cfg.act_bits)
+            bits = cfg.act_bits if cfg.bn_save_bits is None else cfg.bn_save_bits
+            return FloatBNFn.apply(x, weight, bias, rm, rv, m, self.eps, bits)
         lo, hi = self._q8_input_range(x) if cfg.act_bits is not None else (None, None)
         if not use_batch_stats:  # eval: running statistics, input still quantized
             if cfg.act_bits is not None:

@@ -63,15 +63,17 @@ def test_without_rounding_it_is_torch_batchnorm() -> None:
     torch.testing.assert_close(twin(x), ref(x))
 
 
-def test_8_bit_saves_change_backward_by_the_rounding_bound_only() -> None:
+@pytest.mark.parametrize("save_bits", [None, 16])
+def test_saved_codes_change_backward_by_the_rounding_bound_only(save_bits) -> None:
     """Forward and the running statistics are BN's exactly. Backward reads x_tilde from codes
-    with error e, |e_c| <= step_c / 2 (step_c: channel c's range / 255); from
+    with error e, |e_c| <= step_c / 2 (step_c: channel c's range / (2^B - 1), B = act_bits, 8,
+    or bn_save_bits); from
 
         dL/dx = gamma invstd (g - mean(g) - x_tilde mean(g x_tilde))
 
     the error of dL/dx is at most gamma invstd (|e| |mean(g x_tilde)| + |x_tilde| mean(|g|) e_c
     + e_c mean(|g|) e_c), and that of dL/dgamma at most sum(|g|) e_c."""
-    ref, twin = bn_pair(QuantConfig())
+    ref, twin = bn_pair(QuantConfig(bn_save_bits=save_bits))
     x, g = spread_input(), torch.randn(4, 5, 6, 7)
     y, gx, gw, gb = grads(twin, x, g)
     y_ref, gx_ref, gw_ref, gb_ref = grads(ref, x, g)
@@ -80,7 +82,11 @@ def test_8_bit_saves_change_backward_by_the_rounding_bound_only() -> None:
     mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
     c = (slice(None), None, None)
     xt = (x - mean[c]) / torch.sqrt(var[c] + ref.eps)
-    e = (xt.amax((0, 2, 3)) - xt.amin((0, 2, 3))) / 255 / 2  # per channel
+    step = (xt.amax((0, 2, 3)) - xt.amin((0, 2, 3))) / (2 ** (save_bits or 8) - 1)
+    e = step / 2  # per channel
+    if save_bits == 16:  # and fp32's rounding of codes * step + offset (test below)
+        e = e + 2 * 2**-24 * (xt.abs().amax((0, 2, 3)) + 2**15 * step + 2**16 * step
+                              + xt.abs().amax((0, 2, 3)))
     n = x.numel() // x.shape[1]
     m1, abs_g = (g * xt).sum((0, 2, 3)) / n, g.abs().sum((0, 2, 3)) / n
     scale = (ref.weight / torch.sqrt(var + ref.eps)).detach()
@@ -90,15 +96,17 @@ def test_8_bit_saves_change_backward_by_the_rounding_bound_only() -> None:
     assert not torch.equal(gx, gx_ref)  # the codes do round
 
 
-def test_it_keeps_codes_not_the_float_input() -> None:
-    """What BN keeps for backward: one uint8 code per value, and per-channel constants."""
-    _, twin = bn_pair(QuantConfig())
+@pytest.mark.parametrize(("save_bits", "dtype"), [(None, torch.uint8), (16, torch.int16)])
+def test_it_keeps_codes_not_the_float_input(save_bits, dtype) -> None:
+    """What BN keeps for backward: one code per value (uint8, or int16 for 16 bits), and
+    per-channel constants."""
+    _, twin = bn_pair(QuantConfig(bn_save_bits=save_bits))
     x = spread_input().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         twin(x)
     big = [t for t in saved if t.numel() == x.numel()]
-    assert [t.dtype for t in big] == [torch.uint8]
+    assert [t.dtype for t in big] == [dtype]
     assert sum(t.numel() for t in saved) < x.numel() + 8 * x.shape[1]
 
 
@@ -107,6 +115,21 @@ def test_channel_codes_round_to_nearest_per_channel() -> None:
     codes, scale, lo = channel_codes(x, 8)
     assert codes.dtype == torch.uint8 and codes.amin() == 0 and codes.amax() == 255
     assert ((codes * scale + lo - x).abs() <= scale / 2 * (1 + 1e-5)).all()
+
+
+def test_the_label_names_the_saved_bits() -> None:
+    assert QuantConfig(bn_save_bits=16).short_str() == "w8a8g8/16-sr-batchnorm32s16"
+
+
+def test_16_bit_channel_codes_take_two_bytes() -> None:
+    """int16 codes shifted by 2^15: the values 2^16 - 1 steps span; the offset carries the
+    shift, so x ~ codes * scale + offset with fp32's rounding of offset and product on top of
+    half a step: at most 2^-24 of |offset| + 2^16 scale + |x| each."""
+    x = spread_input()
+    codes, scale, offset = channel_codes(x, 16)
+    assert codes.dtype == torch.int16 and codes.amin() == -2**15 and codes.amax() == 2**15 - 1
+    fp32 = 2**-24 * (offset.abs() + 2**16 * scale + x.abs())
+    assert ((codes * scale + offset - x).abs() <= scale / 2 + 2 * fp32).all()
 
 
 def test_every_bn_of_a_mobile_net_becomes_a_float_bn_twin() -> None:
