@@ -45,7 +45,8 @@ def test_presets_say_what_their_names_say() -> None:
     assert default == QuantConfig()  # QuantConfig's defaults are the default preset
     assert default.bifurcated and default.wgrad_bits == 16 and default.float_bn
     paper = load("q8_paper")  # the paper's exact setting: Range BN on the 8-bit input
-    assert paper == QuantConfig(bn="range", bn_compute="8bit", gates="8bit")
+    assert paper == QuantConfig(bn="range", bn_compute="8bit", gates="8bit", act_ranges="tensor")
+    assert default.act_ranges == "channel"
     assert not load("q8").bifurcated and load("q8").grad_bits == 8
     assert load("q8_nearest_grads").grad_rounding == "nearest"
     assert (load("q8_batchnorm").bn, load("q8_batchnorm").bn_compute) == ("batchnorm", "8bit")
