@@ -49,7 +49,7 @@ class QuantConfig:
     division); the branch of a squeeze-excitation gate stays in full precision
     (`gates="float"`: MobileNetV3 trains closer to fp32 with it, docs/MOBILE_NETS.md); a
     convolution's input is quantized with one range per channel (`act_ranges="channel"`:
-    EfficientNet-B0 trains as fp32 does with it, docs/MOBILE_NETS.md). The paper's exact
+    EfficientNet-B0 trains closer to fp32 with it, docs/MOBILE_NETS.md). The paper's exact
     setting, Range BN on an 8-bit input with an 8-bit output gradient, one range per tensor and
     every layer in 8 bits, is conf/quant/q8_paper.yaml. LayerNorm and GroupNorm (`norm`) stay
     standard by default, quantized in and out (`bn_param_bits` covers their gamma/beta too);
